@@ -1,0 +1,1 @@
+"""Latency, speed-up and quality benchmarks; ``quality`` holds the digits evaluator (numpy only)."""

@@ -1,0 +1,107 @@
+"""Loading DiT weights: official ``.pt`` checkpoints, train.py's ``{"ema": ...}``, our safetensors.
+
+Every failure is a ``CheckpointError`` whose message names the file and what does not match.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from freedit.export.dit import DiT, DiTConfig
+
+CONFIG_KEY = "freedit_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the chosen config."""
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfig | None]:
+    """The raw state dict of a checkpoint file and, for our safetensors, its embedded config."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises several types for corrupt headers
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+        config = DiTConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
+        return state, config
+    try:
+        # train.py checkpoints carry an argparse.Namespace; allow it and nothing else executable.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]  # DiT's train.py: sample with the EMA weights, as sample.py does
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return obj, None
+
+
+def infer_config(state: dict[str, torch.Tensor], **overrides) -> DiTConfig:
+    """Recover a DiTConfig from tensor shapes (patch, channels, hidden, depth, classes, size)."""
+    try:
+        hidden, in_ch, patch, _ = state["x_embedder.proj.weight"].shape
+        num_patches = state["pos_embed"].shape[1]
+        out_dim = state["final_layer.linear.weight"].shape[0]
+        rows = state["y_embedder.embedding_table.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"not a DiT state dict: missing {exc.args[0]}") from None
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    heads = overrides.pop("num_heads", None) or {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden, max(1, hidden // 64))
+    grid = int(round(num_patches**0.5))
+    learn_sigma = out_dim == 2 * in_ch * patch * patch
+    fields = dict(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
+                  num_heads=heads, num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=learn_sigma)
+    return DiTConfig(**{**fields, **overrides})
+
+
+def check_state_dict(model: DiT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError naming the missing, unexpected and mis-shaped tensors."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{label} {len(items)}: {', '.join(items[:3])}{more}")
+    cfg = model.config
+    raise CheckpointError(f"{source} does not fit DiT config (depth {cfg.depth}, hidden {cfg.hidden_size}, "
+                          f"patch {cfg.patch_size}, input {cfg.input_size}): " + "; ".join(parts))
+
+
+def load_dit(path: str | Path, config: DiTConfig | None = None) -> DiT:
+    """A DiT in eval mode with the checkpoint's weights. Without a config: the file's own or inferred."""
+    state, embedded = read_state_dict(path)
+    config = config or embedded or infer_config(state)
+    model = DiT(config)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_dit(model: DiT, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Our format: safetensors with the config as JSON metadata (written to a temp name, then renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), **(extra_metadata or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    tmp.replace(path)

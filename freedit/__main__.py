@@ -1,0 +1,4 @@
+import sys
+from freedit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference without torch: samplers, backends, the public Pipeline API."""

@@ -1,0 +1,28 @@
+"""The backend interface: run a named engine (``dit``, ``drafter``) on named arrays.
+
+Samplers only ever talk to this interface, so ONNX Runtime, TensorRT and torch backends drive
+the same sampling code.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from freedit.runtime.contract import ModelInfo
+
+
+class Backend(ABC):
+    name: str = "backend"
+
+    @abstractmethod
+    def engines(self) -> tuple[str, ...]:
+        """Names of the engines this backend has loaded."""
+
+    @abstractmethod
+    def info(self, engine: str) -> ModelInfo:
+        """The model description read from the engine's metadata."""
+
+    @abstractmethod
+    def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one engine call; inputs and outputs are named per the ONNX contract."""

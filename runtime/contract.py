@@ -1,0 +1,95 @@
+"""The ONNX contracts between export and runtime: tensor names, ranks, dtypes and metadata.
+
+A graph that does not match is refused with a ContractError naming the difference, before any
+sampling starts. The model config travels inside the ONNX file as metadata (``freedit.config``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+CONFIG_METADATA_KEY = "freedit.config"
+CONTRACT_METADATA_KEY = "freedit.contract"
+
+
+class ContractError(ValueError):
+    """A model file that does not match the contract the runtime expects."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # onnxruntime's spelling, e.g. "tensor(float)"
+    rank: int
+
+
+CONTRACTS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
+    "dit": (
+        (TensorSpec("x", "tensor(float)", 4), TensorSpec("t", "tensor(float)", 1), TensorSpec("y", "tensor(int64)", 1)),
+        (TensorSpec("eps_v", "tensor(float)", 4), TensorSpec("feat", "tensor(float)", 3)),
+    ),
+    "drafter": (
+        (TensorSpec("feat", "tensor(float)", 3), TensorSpec("x", "tensor(float)", 4),
+         TensorSpec("t", "tensor(float)", 1), TensorSpec("y", "tensor(int64)", 1)),
+        (TensorSpec("feat", "tensor(float)", 3), TensorSpec("eps_v", "tensor(float)", 4)),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs to know about a DiT: read from the ONNX metadata."""
+
+    input_size: int
+    in_channels: int
+    patch_size: int
+    hidden_size: int
+    num_classes: int
+    learn_sigma: bool
+    cfg_mode: str
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelInfo":
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def _describe(arg) -> TensorSpec:
+    return TensorSpec(arg.name, arg.type, len(arg.shape))
+
+
+def check_session(kind: str, session, source: str) -> ModelInfo:
+    """Check an onnxruntime InferenceSession against contract ``kind``; return the model info."""
+    if kind not in CONTRACTS:
+        raise ContractError(f"unknown contract {kind!r}; known: {', '.join(CONTRACTS)}")
+    want_in, want_out = CONTRACTS[kind]
+    for role, want, got in (("input", want_in, session.get_inputs()), ("output", want_out, session.get_outputs())):
+        have = {a.name: _describe(a) for a in got}
+        for spec in want:
+            if spec.name not in have:
+                raise ContractError(f"{source}: no {role} named {spec.name!r} (has {', '.join(have) or 'none'}); "
+                                    f"it is not a freedit '{kind}' model - re-export it with `freedit export`")
+            if have[spec.name] != spec:
+                h = have[spec.name]
+                raise ContractError(f"{source}: {role} {spec.name!r} is {h.dtype} of rank {h.rank}, the '{kind}' "
+                                    f"contract needs {spec.dtype} of rank {spec.rank} - re-export it with `freedit export`")
+    meta = session.get_modelmeta().custom_metadata_map
+    if CONFIG_METADATA_KEY not in meta:
+        raise ContractError(f"{source}: no '{CONFIG_METADATA_KEY}' metadata; export it with `freedit export`")
+    try:
+        info = ModelInfo.from_json(meta[CONFIG_METADATA_KEY])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ContractError(f"{source}: unreadable '{CONFIG_METADATA_KEY}' metadata ({exc})") from None
+    return info

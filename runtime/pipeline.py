@@ -1,0 +1,148 @@
+"""The public API: ``Pipeline.default().generate(class_labels, ...)`` -> images and per-sample stats.
+
+A model directory holds ``dit.onnx`` (the ``dit`` contract) and ``pipeline.json`` (defaults such
+as the documented CFG scale); the bundled digits model is one, shipped inside the package.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from freedit.runtime import noise
+from freedit.runtime.backends.base import Backend
+from freedit.runtime.images import make_grid, to_uint8
+from freedit.runtime.ragged import SampleState, run_ragged
+from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
+from freedit.runtime.sequential import SequentialSampler
+from freedit.runtime.target import Target
+
+SAMPLERS = ("sequential", "ddim")
+BACKENDS = ("onnxruntime",)
+
+
+def default_model_dir() -> Path:
+    return Path(str(resources.files("freedit.runtime") / "assets" / "digits"))
+
+
+@dataclass
+class GenerationResult:
+    samples: np.ndarray  # [N, C, H, W] float32 in the model's space ([-1, 1] for pixels)
+    labels: np.ndarray
+    stats: list[dict]
+    settings: dict
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> np.ndarray:
+        return to_uint8(self.samples)
+
+    def grid(self, ncol: int | None = None, scale: int = 4) -> np.ndarray:
+        return make_grid(self.images, ncol or min(len(self.samples), 10), scale=scale)
+
+
+def _check_steps(steps) -> str:
+    if isinstance(steps, bool) or steps is None:
+        raise ValueError(f"steps must be a positive step count such as 250 or a spacing such as 'ddim50', got {steps!r}")
+    if isinstance(steps, (int, np.integer)):
+        if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps}")
+        return str(int(steps))
+    Schedule.create(steps)  # raises a ValueError that says what is wrong with the spacing
+    return str(steps)
+
+
+class Pipeline:
+    def __init__(self, backend: Backend, defaults: dict | None = None, source: str = ""):
+        self.backend = backend
+        self.info = backend.info("dit")
+        self.defaults = {"steps": 250, "cfg_scale": 1.0, "batch_size": 64, **(defaults or {})}
+        self.source = source
+
+    @classmethod
+    def from_directory(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None) -> "Pipeline":
+        path = Path(path)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        dit = path / "dit.onnx"
+        if not dit.is_file():
+            raise FileNotFoundError(f"{path} has no dit.onnx; export one with `freedit export` (or reinstall freedit "
+                                    f"for the bundled model)")
+        defaults = json.loads((path / "pipeline.json").read_text()) if (path / "pipeline.json").is_file() else {}
+        from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        return cls(OnnxRuntimeBackend({"dit": dit}, threads=threads), defaults, source=str(path))
+
+    @classmethod
+    def default(cls, backend: str = "onnxruntime", threads: int | None = None) -> "Pipeline":
+        """The bundled digits DiT, run with ONNX Runtime on the CPU."""
+        return cls.from_directory(default_model_dir(), backend=backend, threads=threads)
+
+    def validate(self, class_labels: Sequence[int], sampler: str, steps, cfg_scale: float, seed: int,
+                 batch_size: int) -> tuple[np.ndarray, str]:
+        """Check every argument before any sampling starts; raise ValueError saying what to change."""
+        labels = np.asarray(list(class_labels))
+        if labels.size == 0:
+            raise ValueError("no class labels given")
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"class labels must be integers, got {list(class_labels)[:5]}")
+        bad = sorted({int(v) for v in labels if not 0 <= v < self.info.num_classes})
+        if bad:
+            raise ValueError(f"unknown class label(s) {bad}; this model has classes 0..{self.info.num_classes - 1}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not np.isfinite(cfg_scale) or cfg_scale < 0:
+            raise ValueError(f"cfg scale must be >= 0 (1 = no guidance), got {cfg_scale}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        spacing = _check_steps(steps)
+        if sampler == "ddim" and not spacing.startswith("ddim") and not spacing.isdigit():
+            raise ValueError("the ddim sampler takes a step count (e.g. 50) or 'ddimN'")
+        return labels.astype(np.int64), spacing
+
+    def generate(self, class_labels: Sequence[int], sampler: str = "sequential", steps=None, cfg_scale: float | None = None,
+                 seed: int = 0, batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+        """Sample one image per class label. Same seed, same backend => same images, whatever the batch size."""
+        steps = self.defaults["steps"] if steps is None else steps
+        cfg_scale = float(self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)
+        batch_size = self.defaults["batch_size"] if batch_size is None else batch_size
+        labels, spacing = self.validate(class_labels, sampler, steps, cfg_scale, seed, batch_size)
+        if sampler == "ddim" and spacing.isdigit():
+            spacing = f"ddim{spacing}"
+        schedule = Schedule.create(spacing)
+        target = Target(self.backend, schedule, cfg_scale)
+        impl = SequentialSampler(target, seed, ddim=sampler == "ddim")
+        shape = (self.info.in_channels, self.info.input_size, self.info.input_size)
+        n = schedule.num_steps
+        x_T = noise.normal(seed, np.arange(len(labels)), n, noise.Purpose.INIT, shape)
+        states = [SampleState(index=i, label=int(y), x=x_T[i], step=n - 1) for i, y in enumerate(labels)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(labels) * n, desc=f"{sampler} x{len(labels)}", unit="step", leave=False)
+        start = time.perf_counter()
+        try:
+            done = run_ragged(states, batch_size, impl.advance, on_progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        seconds = time.perf_counter() - start
+        stats = [{"sample": s.index, "label": s.label, "steps": n, **s.stats} for s in done]
+        settings = {"sampler": sampler, "steps": spacing, "num_steps": n, "cfg_scale": cfg_scale, "seed": seed,
+                    "batch_size": batch_size, "backend": self.backend.name, "model": self.source}
+        calls = np.array([s["target_calls"] for s in stats])
+        summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),
+                   "mean_target_calls": float(calls.mean()), "batched_target_calls": target.calls,
+                   "nfe_speedup": float(n / calls.mean())}
+        return GenerationResult(np.stack([s.x for s in done]), labels, stats, settings, seconds, summary)
