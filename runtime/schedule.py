@@ -40,7 +40,11 @@ def space_timesteps(num_timesteps: int, spacing: str | int) -> list[int]:
         if size < count:
             raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(stride * j) for j in range(count)]
+        # Accumulate, then round, as DiT does: round(stride * j) breaks .5 ties differently.
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random DiT exported once per session, and the bundled model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from freedit.runtime.pipeline import default_model_dir
+
+TINY = dict(input_size=8, patch_size=4, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+            learn_sigma=True, cfg_mode="reference")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit():
+    torch = pytest.importorskip("torch")
+    from freedit.export.dit import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(**TINY)).eval()
+    with torch.no_grad():  # DiT's zero init would make every output 0; give it real random weights
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+        model.pos_embed.copy_(DiT(DiTConfig(**TINY)).pos_embed)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_dit):
+    from freedit.export.onnx_export import export_dit
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    report = export_dit(tiny_dit, folder / "dit.onnx")
+    assert report.passed
+    (folder / "pipeline.json").write_text(json.dumps({"steps": 20, "cfg_scale": 2.0, "batch_size": 4}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    folder = default_model_dir()
+    if not (folder / "dit.onnx").is_file():
+        pytest.fail(f"the bundled model is missing from {folder}")
+    return folder
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
