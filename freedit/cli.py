@@ -45,7 +45,8 @@ def _generate(args: argparse.Namespace) -> int:
         check_writable(args.stats)
     pipe = Pipeline.from_directory(args.model, threads=args.threads) if args.model else Pipeline.default(threads=args.threads)
     result = pipe.generate(labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           batch_size=args.batch_size, window=args.window, relax=args.relax,
+                           progress=not args.no_progress)
     save_png(make_grid(result.images, ncol=args.per_class if args.per_class > 1 else min(10, len(labels)),
                        scale=args.scale), out)
     if args.samples_dir:
@@ -56,12 +57,22 @@ def _generate(args: argparse.Namespace) -> int:
         tmp = Path(str(args.stats) + ".tmp")
         tmp.write_text(json.dumps({"settings": result.settings, "summary": result.summary, "samples": result.stats}, indent=1))
         tmp.replace(args.stats)
-    s, m = result.settings, result.summary
-    print(f"wrote {out}: {m['images']} images of classes {args.classes}, {s['sampler']} {s['steps']} steps, "
-          f"cfg {s['cfg_scale']:g}, seed {s['seed']}, {m['mean_target_calls']:.1f} serial target calls/image "
-          f"(NFE speed-up {m['nfe_speedup']:.2f}x), {m['seconds']:.1f} s ({m['seconds_per_image'] * 1e3:.0f} ms/image, "
-          f"{s['backend']})")
+    print(summary_line(out, args.classes, result))
     return 0
+
+
+def summary_line(out, classes: str, result) -> str:
+    s, m = result.settings, result.summary
+    sampler = s["sampler"]
+    if "window" in s:
+        sampler += f" L={s['window']}" + (f" lambda={s['relax']:g}" if s["sampler"] == "free-relax" else "")
+    line = (f"wrote {out}: {m['images']} images of classes {classes}, {sampler}, {s['steps']} steps, "
+            f"cfg {s['cfg_scale']:g}, seed {s['seed']}: {m['mean_target_calls']:.1f} serial target calls/image "
+            f"(NFE speed-up {m['nfe_speedup']:.2f}x)")
+    if "acceptance" in m:
+        line += (f", acceptance {m['acceptance']:.3f} ({m['accepted']}/{m['decided']} drafts), residual proposals "
+                 f"{m['residual_proposals']}, cap hits {m['residual_cap_hits']}")
+    return line + f", {m['seconds']:.1f} s ({m['seconds_per_image'] * 1e3:.0f} ms/image, {s['backend']})"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -75,10 +86,36 @@ def _export(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.checkpoint} ...", file=sys.stderr)
     model = load_dit(args.checkpoint, config)
+    drafter = None
+    if args.drafter:
+        from freedit.export.drafter import load_drafter
+
+        drafter = load_drafter(args.drafter, model)  # refuses a drafter trained for another DiT
     print(f"exporting dit to {out_dir / 'dit.onnx'} (opset {args.opset}, fp32, dynamic batch) ...", file=sys.stderr)
     report = export_dit(model, out_dir / "dit.onnx", opset=args.opset)
     errors = ", ".join(f"{k} {v:.1e}" for k, v in report.max_abs_error.items())
     print(f"wrote {out_dir / 'dit.onnx'} in {time.perf_counter() - t0:.1f} s; ONNX Runtime vs PyTorch max rel. error: {errors}")
+    if drafter is not None:
+        from freedit.export.onnx_export import export_drafter
+
+        report = export_drafter(drafter, out_dir / "drafter.onnx", opset=args.opset)
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in report.max_abs_error.items())
+        print(f"wrote {out_dir / 'drafter.onnx'}; ONNX Runtime vs PyTorch max rel. error: {errors}")
+    return 0
+
+
+def _train_drafter(args: argparse.Namespace) -> int:
+    from freedit.export.checkpoint import load_dit
+    from freedit.export.train_drafter import DrafterTrainConfig, train_drafter
+
+    if args.unroll < 1:
+        raise UsageError(f"--unroll must be at least 1, got {args.unroll}")
+    cfg = DrafterTrainConfig(steps=args.steps, cfg_scale=args.cfg_scale, trajectories=args.trajectories,
+                             held_out=args.held_out, depth=args.depth, train_steps=args.train_steps,
+                             batch_size=args.batch_size, unroll=args.unroll, lr=args.lr, seed=args.seed,
+                             threads=args.threads)
+    path = train_drafter(load_dit(args.dit), args.out, cfg)
+    print(f"wrote {path}")
     return 0
 
 
@@ -100,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample class-conditional images and write a PNG grid (one row per class).")
     g.add_argument("--classes", default="0-9", help="class labels: a range '0-9', a list '1,4,7' or a mix")
     g.add_argument("--per-class", type=int, default=8, help="images per class label")
-    g.add_argument("--sampler", default="sequential", help="sequential (DDPM, one DiT call per step) or ddim (eta 0)")
+    g.add_argument("--sampler", default=None, help="free (lossless FREE, the default with a drafter), free-relax "
+                   "(tempered accept test), frozen (training-free drafter), sequential (DDPM, one DiT call per step) "
+                   "or ddim (eta 0)")
+    g.add_argument("--window", type=int, default=None, help="FREE's draft window L, >= 1 (default: the model's)")
+    g.add_argument("--relax", type=float, default=None, help="FREE (relax) lambda >= 0; 0 = lossless (default: the model's)")
     g.add_argument("--steps", default=None, help="step count (e.g. 250) or DiT spacing ('ddim50', '10,20,30'); "
                    "default: the model's, 250 for the bundled model")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, >= 0 (1 = off); "
@@ -123,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None, help="official config name such as DiT-XL/2 (default: inferred from the file)")
     e.add_argument("--image-size", type=int, default=256, help="image size for an official config (latent = size / 8)")
     e.add_argument("--out", required=True, help="output model directory (dit.onnx)")
+    e.add_argument("--drafter", default=None, help="drafter.safetensors from `freedit train-drafter` (exports drafter.onnx)")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
     e.set_defaults(func=_export)
 
@@ -135,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     t.set_defaults(func=_train_dit)
+
+    d = sub.add_parser("train-drafter", formatter_class=fmt, help="distil FREE's drafter from a DiT (torch extra)",
+                       description="Collect trajectories from the DiT's own sampler and train the feature drafter "
+                                   "(resumable; logs held-out acceptance per timestep).")
+    d.add_argument("--dit", required=True, help="the frozen target: our .safetensors or an official .pt")
+    d.add_argument("--out", default="runs/drafter", help="output folder (trajectories.pt, state.pt, drafter.safetensors)")
+    d.add_argument("--steps", default="250", help="inference step count the drafter is trained for")
+    d.add_argument("--cfg-scale", type=float, default=1.5, help="inference CFG scale the drafter is trained for")
+    d.add_argument("--trajectories", type=int, default=320, help="training trajectories")
+    d.add_argument("--held-out", type=int, default=32, help="held-out trajectories for the acceptance report")
+    d.add_argument("--depth", type=int, default=1, help="drafter transformer blocks")
+    d.add_argument("--train-steps", type=int, default=2000, help="optimizer steps")
+    d.add_argument("--batch-size", type=int, default=128, help="drafted positions per step")
+    d.add_argument("--unroll", type=int, default=3, help="steps unrolled with drafted features fed back")
+    d.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    d.set_defaults(func=_train_drafter)
     return parser
 
 

@@ -31,7 +31,8 @@ CONTRACTS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
     "drafter": (
         (TensorSpec("feat", "tensor(float)", 3), TensorSpec("x", "tensor(float)", 4),
          TensorSpec("t", "tensor(float)", 1), TensorSpec("y", "tensor(int64)", 1)),
-        (TensorSpec("feat", "tensor(float)", 3), TensorSpec("eps_v", "tensor(float)", 4)),
+        # ONNX value names are unique within a graph, so the drafted features cannot reuse "feat".
+        (TensorSpec("draft_feat", "tensor(float)", 3), TensorSpec("eps_v", "tensor(float)", 4)),
     ),
 }
 

@@ -20,9 +20,12 @@ from freedit.runtime.images import make_grid, to_uint8
 from freedit.runtime.ragged import SampleState, run_ragged
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 from freedit.runtime.sequential import SequentialSampler
-from freedit.runtime.target import Target
+from freedit.runtime.speculative import FeatureDrafter, FrozenDrafter, SpeculativeSampler
+from freedit.runtime.contract import ContractError
+from freedit.runtime.target import GuidedModel
 
-SAMPLERS = ("sequential", "ddim")
+SAMPLERS = ("free", "free-relax", "frozen", "sequential", "ddim")
+SPECULATIVE = ("free", "free-relax", "frozen")
 BACKENDS = ("onnxruntime",)
 
 
@@ -62,7 +65,11 @@ class Pipeline:
     def __init__(self, backend: Backend, defaults: dict | None = None, source: str = ""):
         self.backend = backend
         self.info = backend.info("dit")
-        self.defaults = {"steps": 250, "cfg_scale": 1.0, "batch_size": 64, **(defaults or {})}
+        self.has_drafter = "drafter" in backend.engines()
+        if self.has_drafter:
+            check_drafter_matches(self.info, backend.info("drafter"), source)
+        self.defaults = {"sampler": "free" if self.has_drafter else "sequential", "steps": 250, "cfg_scale": 1.0,
+                         "batch_size": 64, "window": 6, "relax": 0.5, **(defaults or {})}
         self.source = source
 
     @classmethod
@@ -79,7 +86,8 @@ class Pipeline:
         defaults = json.loads((path / "pipeline.json").read_text()) if (path / "pipeline.json").is_file() else {}
         from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        return cls(OnnxRuntimeBackend({"dit": dit}, threads=threads), defaults, source=str(path))
+        files = {"dit": dit, **({"drafter": path / "drafter.onnx"} if (path / "drafter.onnx").is_file() else {})}
+        return cls(OnnxRuntimeBackend(files, threads=threads), defaults, source=str(path))
 
     @classmethod
     def default(cls, backend: str = "onnxruntime", threads: int | None = None) -> "Pipeline":
@@ -87,7 +95,7 @@ class Pipeline:
         return cls.from_directory(default_model_dir(), backend=backend, threads=threads)
 
     def validate(self, class_labels: Sequence[int], sampler: str, steps, cfg_scale: float, seed: int,
-                 batch_size: int) -> tuple[np.ndarray, str]:
+                 batch_size: int, window: int = 6, relax: float = 0.0) -> tuple[np.ndarray, str]:
         """Check every argument before any sampling starts; raise ValueError saying what to change."""
         labels = np.asarray(list(class_labels))
         if labels.size == 0:
@@ -99,6 +107,13 @@ class Pipeline:
             raise ValueError(f"unknown class label(s) {bad}; this model has classes 0..{self.info.num_classes - 1}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sampler in ("free", "free-relax") and not self.has_drafter:
+            raise ValueError(f"sampler {sampler!r} needs a drafter: {self.source or 'this model'} has no drafter.onnx "
+                             f"(train one with `freedit train-drafter`, or use --sampler frozen or sequential)")
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"window length L must be an integer >= 1, got {window!r}")
+        if not np.isfinite(relax) or relax < 0:
+            raise ValueError(f"relax lambda must be >= 0, got {relax}")
         if not np.isfinite(cfg_scale) or cfg_scale < 0:
             raise ValueError(f"cfg scale must be >= 0 (1 = no guidance), got {cfg_scale}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
@@ -110,18 +125,36 @@ class Pipeline:
             raise ValueError("the ddim sampler takes a step count (e.g. 50) or 'ddimN'")
         return labels.astype(np.int64), spacing
 
-    def generate(self, class_labels: Sequence[int], sampler: str = "sequential", steps=None, cfg_scale: float | None = None,
-                 seed: int = 0, batch_size: int | None = None, progress: bool = False) -> GenerationResult:
-        """Sample one image per class label. Same seed, same backend => same images, whatever the batch size."""
+    def generate(self, class_labels: Sequence[int], sampler: str | None = None, steps=None,
+                 cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None, window: int | None = None,
+                 relax: float | None = None, progress: bool = False) -> GenerationResult:
+        """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
+
+        ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
+        accept test, ``relax`` = lambda), "frozen" (training-free drafter), "sequential" (DDPM), "ddim".
+        ``window`` is FREE's draft length L.
+        """
+        sampler = self.defaults["sampler"] if sampler is None else sampler
         steps = self.defaults["steps"] if steps is None else steps
         cfg_scale = float(self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)
         batch_size = self.defaults["batch_size"] if batch_size is None else batch_size
-        labels, spacing = self.validate(class_labels, sampler, steps, cfg_scale, seed, batch_size)
+        window = self.defaults["window"] if window is None else window
+        relax = float(self.defaults["relax"] if relax is None else relax) if sampler == "free-relax" else 0.0
+        labels, spacing = self.validate(class_labels, sampler, steps, cfg_scale, seed, batch_size, window, relax)
         if sampler == "ddim" and spacing.isdigit():
             spacing = f"ddim{spacing}"
         schedule = Schedule.create(spacing)
-        target = Target(self.backend, schedule, cfg_scale)
-        impl = SequentialSampler(target, seed, ddim=sampler == "ddim")
+        target = GuidedModel(self.backend, schedule, cfg_scale)
+        drafter_model = None
+        if sampler in SPECULATIVE:
+            if sampler == "frozen":
+                drafter = FrozenDrafter()
+            else:
+                drafter_model = GuidedModel(self.backend, schedule, cfg_scale, engine="drafter")
+                drafter = FeatureDrafter(drafter_model)
+            impl = SpeculativeSampler(target, drafter, seed, window=window, relax=relax)
+        else:
+            impl = SequentialSampler(target, seed, ddim=sampler == "ddim")
         shape = (self.info.in_channels, self.info.input_size, self.info.input_size)
         n = schedule.num_steps
         x_T = noise.normal(seed, np.arange(len(labels)), n, noise.Purpose.INIT, shape)
@@ -141,8 +174,37 @@ class Pipeline:
         stats = [{"sample": s.index, "label": s.label, "steps": n, **s.stats} for s in done]
         settings = {"sampler": sampler, "steps": spacing, "num_steps": n, "cfg_scale": cfg_scale, "seed": seed,
                     "batch_size": batch_size, "backend": self.backend.name, "model": self.source}
+        if sampler in SPECULATIVE:
+            settings.update(window=window, relax=relax)
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),
                    "mean_target_calls": float(calls.mean()), "batched_target_calls": target.calls,
-                   "nfe_speedup": float(n / calls.mean())}
+                   "nfe_speedup": float(n / calls.mean()),
+                   "drafter_calls": drafter_model.calls if drafter_model else 0}
+        if sampler in SPECULATIVE:
+            summary.update(speculative_summary(stats))
         return GenerationResult(np.stack([s.x for s in done]), labels, stats, settings, seconds, summary)
+
+
+def check_drafter_matches(dit, drafter, source: str) -> None:
+    """A drafter exported for another DiT (hidden size, patch grid, channels, classes) is refused up front."""
+    fields = ("hidden_size", "num_tokens", "in_channels", "input_size", "num_classes", "learn_sigma")
+    diff = [f"{f} {getattr(drafter, f)} vs {getattr(dit, f)}" for f in fields if getattr(drafter, f) != getattr(dit, f)]
+    if diff:
+        raise ContractError(f"{source}: drafter.onnx was exported for another DiT ({'; '.join(diff)} in the DiT); "
+                            f"train and export a drafter for this model")
+
+
+def speculative_summary(stats: list[dict]) -> dict:
+    """Acceptance over all decided draft positions, and per original timestep."""
+    decisions = [d for s in stats for d in s.get("decisions", [])]
+    drafted = sum(sum(s["drafted"]) for s in stats)
+    accepted = sum(sum(s["accepted"]) for s in stats)
+    by_step: dict[int, list[int]] = {}
+    for step, ok in decisions:
+        by_step.setdefault(step, []).append(ok)
+    return {"drafted": drafted, "accepted": accepted, "acceptance": accepted / len(decisions) if decisions else float("nan"),
+            "decided": len(decisions),
+            "acceptance_by_step": {int(k): float(np.mean(v)) for k, v in sorted(by_step.items())},
+            "residual_proposals": sum(s["residual_proposals"] for s in stats),
+            "residual_cap_hits": sum(s["residual_cap_hits"] for s in stats)}

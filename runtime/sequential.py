@@ -5,7 +5,7 @@ import numpy as np
 
 from freedit.runtime import noise, ops
 from freedit.runtime.ragged import SampleState
-from freedit.runtime.target import Target
+from freedit.runtime.target import GuidedModel
 
 
 class SequentialSampler:
@@ -13,7 +13,7 @@ class SequentialSampler:
 
     name = "sequential"
 
-    def __init__(self, target: Target, seed: int, ddim: bool = False):
+    def __init__(self, target: GuidedModel, seed: int, ddim: bool = False):
         self.target, self.seed, self.ddim = target, seed, ddim
 
     def advance(self, states: list[SampleState]) -> None:

@@ -1,4 +1,9 @@
-"""The target DiT as the samplers see it: guided model outputs for rows at their own timesteps."""
+"""Models as the samplers see them: guided outputs for rows at their own timesteps.
+
+``GuidedModel`` wraps one engine (the target ``dit`` or the ``drafter``). With CFG every state
+becomes a conditional and a null-label row; the guided eps comes from both, the rest (v) from the
+conditional row. Features are returned for all rows ([cond; null]) since the drafter needs both.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,32 +13,47 @@ from freedit.runtime.ops import cfg_combine
 from freedit.runtime.schedule import Schedule
 
 
-class Target:
-    """One call = one batched DiT evaluation; with CFG, a conditional and a null row per state."""
-
+class GuidedModel:
     def __init__(self, backend: Backend, schedule: Schedule, cfg_scale: float, engine: str = "dit"):
         self.backend, self.schedule, self.cfg_scale, self.engine = backend, schedule, float(cfg_scale), engine
         self.info = backend.info(engine)
-        self.calls = 0  # serial target calls made so far
+        self.calls = 0  # batched calls made so far
+        self.rows = 0  # states evaluated so far (each is 2 rows with CFG)
 
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
 
-    def __call__(self, x: np.ndarray, steps: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x [B,C,H,W] at respaced steps [B] -> (guided eps_v [B,out,H,W], conditional features [B,T,hidden])."""
+    def __call__(self, x: np.ndarray, steps: np.ndarray, labels: np.ndarray,
+                 feat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x [B,C,H,W] at respaced steps [B] (and parent features for a drafter) ->
+        (guided eps_v [B,out,H,W], features [B or 2B, T, hidden]: conditional rows first)."""
         t = self.schedule.timesteps[np.asarray(steps)].astype(np.float32)
         y = np.asarray(labels, dtype=np.int64)
+        x = np.ascontiguousarray(x, dtype=np.float32)
         if self.guided:
-            null = np.full_like(y, self.info.null_label)
-            out = self.backend.run(self.engine, {"x": np.concatenate([x, x]), "t": np.concatenate([t, t]),
-                                                 "y": np.concatenate([y, null])})
-            n = len(x)
-            eps_v = cfg_combine(out["eps_v"][:n], out["eps_v"][n:], self.cfg_scale, self.info.in_channels,
-                                self.info.cfg_mode)
-            feat = out["feat"][:n]
-        else:
-            out = self.backend.run(self.engine, {"x": np.ascontiguousarray(x, dtype=np.float32), "t": t, "y": y})
-            eps_v, feat = out["eps_v"], out["feat"]
+            x, t, y = np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([y, np.full_like(y, self.info.null_label)])
+        inputs = {"x": x, "t": t, "y": y}
+        if feat is not None:
+            inputs["feat"] = np.ascontiguousarray(feat, dtype=np.float32)
+        out = self.backend.run(self.engine, inputs)
         self.calls += 1
-        return eps_v, feat
+        self.rows += len(steps)
+        eps_v = out["eps_v"]
+        if self.guided:
+            n = len(steps)
+            eps_v = cfg_combine(eps_v[:n], eps_v[n:], self.cfg_scale, self.info.in_channels, self.info.cfg_mode)
+        return eps_v, out["draft_feat" if feat is not None else "feat"]
+
+
+def split_rows(feat: np.ndarray, guided: bool) -> np.ndarray:
+    """[2B or B, T, H] -> per-state [B, rows, T, H] (rows = 2 with CFG: cond, null)."""
+    if not guided:
+        return feat[:, None]
+    n = len(feat) // 2
+    return np.stack([feat[:n], feat[n:]], axis=1)
+
+
+def join_rows(per_state: np.ndarray) -> np.ndarray:
+    """Inverse of split_rows: [B, rows, T, H] -> [rows*B, T, H] with all cond rows first."""
+    return np.concatenate([per_state[:, r] for r in range(per_state.shape[1])], axis=0)

@@ -49,3 +49,30 @@ def bundled_dir() -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def _random_drafter(dit, seed: int):
+    import torch
+
+    from freedit.export.drafter import Drafter
+
+    torch.manual_seed(seed)
+    drafter = Drafter(dit).eval()
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return drafter
+
+
+@pytest.fixture(scope="session")
+def tiny_free_dir(tmp_path_factory, tiny_dit, tiny_model_dir):
+    """The tiny DiT plus a (poor, random) drafter: FREE runs, with plenty of rejections."""
+    import shutil
+
+    from freedit.export.onnx_export import export_drafter
+
+    folder = tmp_path_factory.mktemp("tiny_free")
+    shutil.copy(tiny_model_dir / "dit.onnx", folder / "dit.onnx")
+    shutil.copy(tiny_model_dir / "pipeline.json", folder / "pipeline.json")
+    assert export_drafter(_random_drafter(tiny_dit, 1), folder / "drafter.onnx").passed
+    return folder

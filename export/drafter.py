@@ -1,0 +1,102 @@
+"""FREE's feature-level drafter (DESIGN §3.1): predicts the DiT's top-block features of a state.
+
+    h_hat(x_k) = D(h(x_{k-1}), x_k, t_k, y)
+
+The DiT's patch/position/timestep/label embedders and its final layer are reused frozen, so a
+drafted feature yields (eps, v), hence a full draft transition, exactly as the DiT would from those
+features. Trainable: a fusion Linear(2H -> H) of [h_parent, embed(x_k)] and ``depth`` adaLN-Zero
+blocks. The fusion starts as [I, 0] and the blocks as identity (adaLN-Zero), so an untrained
+drafter predicts "the parent's features" and training only improves on that.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from freedit.export.dit import DiT, DiTBlock, DiTConfig
+
+DRAFTER_CONFIG_KEY = "freedit_drafter_config"
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    depth: int = 1
+    # The target this drafter was trained for: a drafter only fits a DiT of the same shape.
+    target_hidden_size: int = 0
+    target_num_patches: int = 0
+    target_in_channels: int = 0
+
+
+class Drafter(nn.Module):
+    def __init__(self, target: DiT, depth: int = 1):
+        super().__init__()
+        cfg = target.config
+        h = cfg.hidden_size
+        self.config = DrafterConfig(depth, h, cfg.num_patches, cfg.in_channels)
+        self.target = [target]  # a list keeps the frozen DiT out of this module's parameters
+        self.fusion = nn.Linear(2 * h, h)
+        self.blocks = nn.ModuleList(DiTBlock(h, cfg.num_heads, cfg.mlp_ratio) for _ in range(depth))
+        with torch.no_grad():
+            self.fusion.weight.zero_()
+            self.fusion.weight[:, :h].copy_(torch.eye(h))
+            self.fusion.bias.zero_()
+            for block in self.blocks:
+                for layer in block.modules():
+                    if isinstance(layer, nn.Linear):
+                        nn.init.xavier_uniform_(layer.weight)
+                        nn.init.zeros_(layer.bias)
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+    @property
+    def dit(self) -> DiT:
+        return self.target[0]
+
+    def forward(self, feat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        """(parent features [B,T,H], state x [B,C,H,W], t [B], y [B]) -> (features [B,T,H], eps_v)."""
+        c = self.dit.conditioning(t, y)
+        h = self.fusion(torch.cat([feat, self.dit.embed_input(x)], dim=-1))
+        for block in self.blocks:
+            h = block(h, c)
+        return h, self.dit.head(h, c)
+
+
+def check_drafter_fits(config: DrafterConfig, target: DiTConfig, source: str) -> None:
+    got = (config.target_hidden_size, config.target_num_patches, config.target_in_channels)
+    want = (target.hidden_size, target.num_patches, target.in_channels)
+    if got != want:
+        raise ValueError(f"{source} was trained for a DiT with hidden size {got[0]}, {got[1]} patches and {got[2]} "
+                         f"channels; this DiT has {want[0]}, {want[1]} and {want[2]}")
+
+
+def save_drafter(drafter: Drafter, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {DRAFTER_CONFIG_KEY: json.dumps(asdict(drafter.config)), **(extra_metadata or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.contiguous() for k, v in drafter.state_dict().items()}
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_drafter(path: str | Path, target: DiT) -> Drafter:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"drafter weights {path} do not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if DRAFTER_CONFIG_KEY not in meta:
+        raise ValueError(f"{path} is not a freedit drafter (no '{DRAFTER_CONFIG_KEY}' metadata)")
+    config = DrafterConfig(**json.loads(meta[DRAFTER_CONFIG_KEY]))
+    check_drafter_fits(config, target.config, str(path))
+    drafter = Drafter(target, depth=config.depth)
+    drafter.load_state_dict(state, strict=True)
+    return drafter.eval()

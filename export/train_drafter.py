@@ -1,0 +1,229 @@
+"""Distil FREE's drafter from a frozen DiT (DESIGN §3.1): ``freedit train-drafter``.
+
+1. Trajectories come from the target's own DDPM sampler with the inference step count and CFG;
+   each step stores the state and the DiT's real features of its conditional and null rows.
+2. Loss per drafted position = Smooth-L1 on features + KL(q || p) between the target's and the
+   draft's guided transitions (what acceptance depends on: mean and log-variance), unrolled
+   ``unroll`` steps with drafted features fed back, weighted towards late (low-noise) steps.
+3. Held-out trajectories measure the real quantity: acceptance min(1, q/p) of one draft from the
+   real parent, per timestep, for the drafter and for the training-free frozen baseline.
+Resumable: ``state.pt`` in the output folder is picked up.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from freedit.export.diffusion import TorchSchedule
+from freedit.export.dit import DiT
+from freedit.export.drafter import Drafter, save_drafter
+from freedit.runtime.schedule import Schedule
+
+
+@dataclass
+class DrafterTrainConfig:
+    steps: str = "250"  # the inference respacing
+    cfg_scale: float = 1.5
+    trajectories: int = 320
+    held_out: int = 32
+    depth: int = 1
+    train_steps: int = 2000
+    batch_size: int = 128
+    unroll: int = 3
+    lr: float = 1e-3
+    feature_weight: float = 1.0
+    late_weight: float = 2.0  # weight 1 + late_weight * (1 - i / N): late steps count more
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class Trajectories:
+    x: torch.Tensor  # [M, N+1, C, H, W]: x[:, N] = x_T, x[:, i] = input of transition i
+    feat: torch.Tensor  # [M, N, rows, T, H] real features of x[:, i] (rows: cond, null)
+    labels: torch.Tensor  # [M]
+
+
+def guided_output(dit: DiT, feat: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Guided eps_v from per-state features [B, rows, T, H] through the frozen head (rows: cond, null)."""
+    null = torch.full_like(y, dit.config.num_classes)
+    cond = dit.head(feat[:, 0], dit.conditioning(t, y))
+    if feat.shape[1] == 1:
+        return cond
+    uncond = dit.head(feat[:, 1], dit.conditioning(t, null))
+    g = dit.config.in_channels if dit.config.cfg_mode == "all" else min(3, dit.config.in_channels)
+    return torch.cat([uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
+
+
+@torch.no_grad()
+def collect_trajectories(dit: DiT, sched: TorchSchedule, count: int, cfg_scale: float, seed: int,
+                         batch: int = 160) -> Trajectories:
+    cfg = dit.config
+    n = sched.schedule.num_steps
+    rows = 2 if cfg_scale != 1.0 else 1
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % cfg.num_classes
+    xs = torch.empty(count, n + 1, cfg.in_channels, cfg.input_size, cfg.input_size)
+    feats = torch.empty(count, n, rows, cfg.num_patches, cfg.hidden_size, dtype=torch.float16)
+    bar = tqdm(total=count * n, desc="collect trajectories", unit="step", leave=False)
+    for lo in range(0, count, batch):
+        y = labels[lo:lo + batch]
+        b = len(y)
+        x = torch.randn(b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+        xs[lo:lo + b, n] = x
+        for i in reversed(range(n)):
+            t = sched.timesteps[torch.full((b,), i)]
+            yy = torch.cat([y, torch.full_like(y, cfg.num_classes)]) if rows == 2 else y
+            out, feat = dit(torch.cat([x] * rows), torch.cat([t] * rows), yy)
+            feats[lo:lo + b, i] = torch.stack(feat.chunk(rows), dim=1).half()
+            eps_v = guided_output(dit, torch.stack(feat.chunk(rows), dim=1), t, y, cfg_scale)
+            mean, log_var = sched.transition(x, eps_v, torch.full((b,), i))
+            x = mean + (i > 0) * torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=g)
+            xs[lo:lo + b, i] = x
+            bar.update(b)
+    bar.close()
+    return Trajectories(xs, feats, labels)
+
+
+def gaussian_kl(mean_q, log_var_q, mean_p, log_var_p) -> torch.Tensor:
+    """KL(q || p) per row for diagonal Gaussians, summed over elements."""
+    kl = 0.5 * (log_var_p - log_var_q + (torch.exp(log_var_q) + (mean_q - mean_p) ** 2) * torch.exp(-log_var_p) - 1.0)
+    return kl.flatten(1).sum(1)
+
+
+def _step_tensors(traj: Trajectories, sched: TorchSchedule, m: torch.Tensor, i: torch.Tensor):
+    return traj.x[m, i], sched.timesteps[i], traj.labels[m]
+
+
+def unrolled_loss(drafter: Drafter, traj: Trajectories, sched: TorchSchedule, cfg: DrafterTrainConfig,
+                  m: torch.Tensor, i0: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Draft positions i0, i0-1, ... (unroll steps) from the real parent features at i0 + 1."""
+    dit, n = drafter.dit, sched.schedule.num_steps
+    feat = traj.feat[m, i0 + 1].float()  # the parent's real features
+    total, logs = 0.0, {"feature": 0.0, "kl": 0.0}
+    for k in range(cfg.unroll):
+        i = i0 - k
+        x, t, y = _step_tensors(traj, sched, m, i)
+        feat = draft_features(drafter, feat, x, t, y)
+        real = traj.feat[m, i].float()
+        eps_p = guided_output(dit, feat, t, y, cfg.cfg_scale)
+        with torch.no_grad():
+            eps_q = guided_output(dit, real, t, y, cfg.cfg_scale)
+            mean_q, lv_q = sched.transition(x, eps_q, i)
+        mean_p, lv_p = sched.transition(x, eps_p, i)
+        weight = 1.0 + cfg.late_weight * (1.0 - i.float() / n)
+        feature = F.smooth_l1_loss(feat, real, reduction="none").flatten(1).mean(1)
+        kl = gaussian_kl(mean_q, lv_q, mean_p, lv_p)
+        total = total + (weight * (cfg.feature_weight * feature + kl)).mean()
+        logs["feature"] += float(feature.mean()) / cfg.unroll
+        logs["kl"] += float(kl.mean()) / cfg.unroll
+    return total / cfg.unroll, logs
+
+
+def draft_features(drafter: Drafter, parent: torch.Tensor, x, t, y) -> torch.Tensor:
+    """Per-state parent features [B, rows, T, H] -> drafted features of state x, same layout."""
+    rows = parent.shape[1]
+    yy = torch.cat([y, torch.full_like(y, drafter.dit.config.num_classes)]) if rows == 2 else y
+    h, _ = drafter(torch.cat([parent[:, r] for r in range(rows)]), torch.cat([x] * rows), torch.cat([t] * rows), yy)
+    return torch.stack(h.chunk(rows), dim=1)
+
+
+def _log_normal(x, mean, log_var):
+    return (-0.5 * ((x - mean) ** 2 * torch.exp(-log_var) + log_var + math.log(2 * math.pi))).flatten(1).sum(1)
+
+
+@torch.no_grad()
+def held_out_acceptance(dit: DiT, drafter: Drafter | None, traj: Trajectories, sched: TorchSchedule, cfg_scale: float,
+                        bins: int = 10, draws: int = 4, seed: int = 1) -> dict:
+    """Mean acceptance min(1, q/p) of one draft from the real parent, per respaced step and in bins.
+
+    ``drafter=None`` measures the frozen-target baseline (the parent's real output reused).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = sched.schedule.num_steps
+    per_step = np.zeros(n - 2)
+    m = torch.arange(len(traj.labels))
+    # Drafted transitions: noisy (step >= 1; step 0 is the DiT's mean) and with a parent (step <= n - 2).
+    for step in range(1, n - 1):
+        i = torch.full_like(m, step)
+        x, t, y = _step_tensors(traj, sched, m, i)
+        parent = traj.feat[m, i + 1].float()
+        if drafter is not None:
+            eps_p = guided_output(dit, draft_features(drafter, parent, x, t, y), t, y, cfg_scale)
+        else:  # frozen: the parent's real output (its own timestep) drives this step's transition
+            eps_p = guided_output(dit, parent, sched.timesteps[i + 1], y, cfg_scale)
+        eps_q = guided_output(dit, traj.feat[m, i].float(), t, y, cfg_scale)
+        mean_q, lv_q = sched.transition(x, eps_q, i)
+        mean_p, lv_p = sched.transition(x, eps_p, i)
+        for _ in range(draws):
+            xt = mean_p + torch.exp(0.5 * lv_p) * torch.randn(mean_p.shape, generator=g)
+            log_r = _log_normal(xt, mean_q, lv_q) - _log_normal(xt, mean_p, lv_p)
+            per_step[step - 1] += float(torch.exp(torch.clamp(log_r, max=0.0)).mean()) / draws
+    edges = np.linspace(1, n - 1, bins + 1).astype(int)
+    binned = [float(per_step[a - 1:b - 1].mean()) for a, b in zip(edges[:-1], edges[1:])]
+    return {"mean": float(per_step.mean()), "by_step": per_step.tolist(), "bins": binned, "bin_edges": edges.tolist()}
+
+
+def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Path:
+    """Collect (or reload) trajectories, train, evaluate, and write drafter.safetensors + train_log.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    dit = dit.eval().requires_grad_(False)
+    sched = TorchSchedule(Schedule.create(cfg.steps))
+    n = sched.schedule.num_steps
+    traj_path = out_dir / "trajectories.pt"
+    if traj_path.exists():
+        traj = Trajectories(**torch.load(traj_path, weights_only=True))
+    else:
+        traj = collect_trajectories(dit, sched, cfg.trajectories + cfg.held_out, cfg.cfg_scale, cfg.seed)
+        torch.save(asdict(traj), traj_path)
+    split = cfg.trajectories
+    train = Trajectories(traj.x[:split], traj.feat[:split], traj.labels[:split])
+    held = Trajectories(traj.x[split:], traj.feat[split:], traj.labels[split:])
+    drafter = Drafter(dit, depth=cfg.depth)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state_path, start, log = out_dir / "state.pt", 0, []
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        drafter.load_state_dict(state["drafter"]), opt.load_state_dict(state["opt"]), gen.set_state(state["generator"])
+        start, log = state["step"], state["log"]
+    t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
+    bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="train drafter", unit="step")
+    for step in bar:
+        for group in opt.param_groups:  # cosine decay to 10%
+            group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.train_steps)))
+        m = torch.randint(0, split, (cfg.batch_size,), generator=gen)
+        # first drafted step i0 in [unroll - 1, n - 2]: its parent i0 + 1 and all unrolled steps exist
+        i0 = torch.randint(cfg.unroll, n, (cfg.batch_size,), generator=gen) - 1
+        loss, terms = unrolled_loss(drafter, train, sched, cfg, m, i0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss):.3f}", kl=f"{terms['kl']:.3f}")
+        if (step + 1) % 100 == 0:
+            log.append({"step": step + 1, "loss": float(loss), **terms, "seconds": time.time() - t0})
+        if (step + 1) % 500 == 0 or step + 1 == cfg.train_steps:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"drafter": drafter.state_dict(), "opt": opt.state_dict(), "generator": gen.get_state(),
+                        "step": step + 1, "log": log}, tmp)
+            tmp.replace(state_path)
+    drafter.eval()
+    evaluation = {"drafter": held_out_acceptance(dit, drafter, held, sched, cfg.cfg_scale),
+                  "frozen": held_out_acceptance(dit, None, held, sched, cfg.cfg_scale)}
+    path = out_dir / "drafter.safetensors"
+    save_drafter(drafter, path, {"train_config": json.dumps(asdict(cfg))})
+    (out_dir / "train_log.json").write_text(json.dumps({"train_config": asdict(cfg), "log": log,
+                                                        "held_out_acceptance": evaluation}, indent=1))
+    return path

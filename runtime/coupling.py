@@ -1,0 +1,118 @@
+"""The exact coupling of speculative sampling (DESIGN §3.3), batched over rows, numpy only.
+
+A draft x ~ p = N(mu_p, diag e^{lv_p}) is accepted with probability min(1, q(x)/p(x)); on
+rejection the committed state is drawn from the residual (q - p)^+, so the committed state is
+distributed exactly as q = N(mu_q, diag e^{lv_q}) whatever p is:
+  * equal covariances: reflection maximal coupling, one shot, no extra randomness;
+  * unequal covariances (learned sigma): rejection sampling of the residual (propose y ~ q, keep
+    with probability max(0, 1 - p(y)/q(y))); attempts are capped and cap hits are reported.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+#: Residual proposals per rejection before giving up (expected: 1 / TV(p, q) per rejection).
+MAX_RESIDUAL_ATTEMPTS = 1000
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0], -1).astype(np.float64)
+
+
+def log_density(x: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> np.ndarray:
+    """Per-row log N(x; mean, diag exp(log_var)), summed over all elements, float64."""
+    x, mean, log_var = _flat(x), _flat(mean), _flat(log_var)
+    return -0.5 * (((x - mean) ** 2) * np.exp(-log_var) + log_var + _LOG_2PI).sum(axis=1)
+
+
+def log_ratio(x, mean_p, log_var_p, mean_q, log_var_q) -> np.ndarray:
+    """log q(x) - log p(x) per row (the accept statistic)."""
+    return log_density(x, mean_q, log_var_q) - log_density(x, mean_p, log_var_p)
+
+
+def accept(log_r: np.ndarray, uniform: np.ndarray, gamma: np.ndarray | float = 1.0) -> np.ndarray:
+    """Accept iff log U < min(0, gamma * log r); gamma = 1 is the exact test, gamma < 1 relaxes it."""
+    return np.log(uniform) < np.minimum(0.0, np.asarray(gamma) * log_r)
+
+
+def reflect(x: np.ndarray, mean_p: np.ndarray, mean_q: np.ndarray, log_var: np.ndarray) -> np.ndarray:
+    """Reflection coupling for equal covariances: the residual sample from a rejected draft x.
+
+    z = (x - mu_p)/sigma, d = (mu_p - mu_q)/sigma, e = d/|d|: x' = mu_q + sigma (z - 2 (e.z) e).
+    """
+    shape = x.shape
+    x, mean_p, mean_q = _flat(x), _flat(mean_p), _flat(mean_q)
+    sigma = np.exp(0.5 * _flat(log_var))
+    z = (x - mean_p) / sigma
+    d = (mean_p - mean_q) / sigma
+    norm = np.linalg.norm(d, axis=1, keepdims=True)
+    e = np.divide(d, norm, out=np.zeros_like(d), where=norm > 0)
+    out = mean_q + sigma * (z - 2.0 * (e * z).sum(axis=1, keepdims=True) * e)
+    return out.reshape(shape).astype(np.float32)
+
+
+def sample_residual(mean_p, log_var_p, mean_q, log_var_q,
+                    draw: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample (q - p)^+ per row by rejection; ``draw(attempt)`` gives (z [rows, ...], u [rows]).
+
+    Returns (samples float32, proposals used per row, cap_hit per row). Rows that hit the cap keep
+    their last proposal (an exactness violation that callers must report; it never occurs when
+    TV(p, q) is not vanishingly small, i.e. whenever a rejection is plausible at all).
+    """
+    rows = mean_q.shape[0]
+    out = np.zeros(mean_q.shape, dtype=np.float32)
+    proposals = np.zeros(rows, dtype=np.int64)
+    pending = np.ones(rows, dtype=bool)
+    sigma_q = np.exp(0.5 * log_var_q)
+    attempt = 0
+    while pending.any() and attempt < MAX_RESIDUAL_ATTEMPTS:
+        z, u = draw(attempt)
+        y = (mean_q + sigma_q * z).astype(np.float32)
+        # keep with probability 1 - p(y)/q(y) = 1 - exp(-log r): accept iff log(1-u) < log(1 - exp(-log r))
+        lr = log_ratio(y, mean_p, log_var_p, mean_q, log_var_q)
+        keep = pending & (lr > 0) & (u < -np.expm1(-np.maximum(lr, 0.0)))
+        out[keep] = y[keep]
+        proposals[pending] += 1
+        pending &= ~keep
+        attempt += 1
+        if attempt == MAX_RESIDUAL_ATTEMPTS:
+            out[pending] = y[pending]
+    return out, proposals, pending
+
+
+def equal_variance(log_var_p: np.ndarray, log_var_q: np.ndarray) -> np.ndarray:
+    """Rows whose covariances are identical (reflection applies)."""
+    return np.all(_flat(log_var_p) == _flat(log_var_q), axis=1)
+
+
+def coupled_step(x_draft, mean_p, log_var_p, mean_q, log_var_q, u_accept, gamma, residual_draw):
+    """Decide one window position for a set of rows: (committed, accepted, proposals, cap_hit).
+
+    ``residual_draw(attempt)`` supplies the residual proposals' noise for these rows.
+    """
+    lr = log_ratio(x_draft, mean_p, log_var_p, mean_q, log_var_q)
+    ok = accept(lr, u_accept, gamma)
+    committed = np.array(x_draft, dtype=np.float32, copy=True)
+    proposals = np.zeros(len(ok), dtype=np.int64)
+    cap_hit = np.zeros(len(ok), dtype=bool)
+    rejected = ~ok
+    if rejected.any():
+        same = equal_variance(log_var_p, log_var_q) & rejected
+        if same.any():
+            committed[same] = reflect(x_draft[same], mean_p[same], mean_q[same], log_var_q[same])
+        other = rejected & ~same
+        if other.any():
+            idx = np.flatnonzero(other)
+
+            def draw_subset(attempt, idx=idx):
+                z, u = residual_draw(attempt)
+                return z[idx], u[idx]
+
+            res, props, caps = sample_residual(mean_p[idx], log_var_p[idx], mean_q[idx], log_var_q[idx], draw_subset)
+            committed[idx], proposals[idx], cap_hit[idx] = res, props, caps
+    return committed, ok, proposals, cap_hit
