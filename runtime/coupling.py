@@ -5,7 +5,10 @@ rejection the committed state is drawn from the residual (q - p)^+, so the commi
 distributed exactly as q = N(mu_q, diag e^{lv_q}) whatever p is:
   * equal covariances: reflection maximal coupling, one shot, no extra randomness;
   * unequal covariances (learned sigma): rejection sampling of the residual (propose y ~ q, keep
-    with probability max(0, 1 - p(y)/q(y))); attempts are capped and cap hits are reported.
+    with probability max(0, 1 - p(y)/q(y))). A rejected row needs 1/TV(p, q) proposals on average
+    (one per decided step overall), so a row whose TV is small can need thousands: proposals are
+    drawn only for pending rows, in chunks that double, and the first success in attempt order is
+    kept (the same law as one at a time). A huge cap bounds the work; hits are reported.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ import numpy as np
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
-#: Residual proposals per rejection before giving up (expected: 1 / TV(p, q) per rejection).
-MAX_RESIDUAL_ATTEMPTS = 1000
+#: Residual proposals per rejected row before giving up (expected: 1 / TV(p, q) per rejection).
+#: A decision hits it with probability TV (1 - TV)^cap <= 1 / (e cap), i.e. < 4e-7 per decision.
+MAX_RESIDUAL_ATTEMPTS = 1 << 20
+#: Bound on proposal elements drawn per chunk (memory), and on a chunk's length.
+_CHUNK_ELEMENTS, _MAX_CHUNK = 1 << 22, 4096
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -57,32 +63,41 @@ def reflect(x: np.ndarray, mean_p: np.ndarray, mean_q: np.ndarray, log_var: np.n
 
 
 def sample_residual(mean_p, log_var_p, mean_q, log_var_q,
-                    draw: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sample (q - p)^+ per row by rejection; ``draw(attempt)`` gives (z [rows, ...], u [rows]).
+                    draw: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+                    max_attempts: int = MAX_RESIDUAL_ATTEMPTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample (q - p)^+ per row by rejection.
 
-    Returns (samples float32, proposals used per row, cap_hit per row). Rows that hit the cap keep
-    their last proposal (an exactness violation that callers must report; it never occurs when
-    TV(p, q) is not vanishingly small, i.e. whenever a rejection is plausible at all).
+    ``draw(rows, attempts)`` returns the proposal noise (z [len, ...], u [len]) of attempt number
+    ``attempts[j]`` of row ``rows[j]``: keyed noise, so the result does not depend on chunking.
+    Returns (samples float32, proposals used per row, cap_hit per row). A row that hits the cap
+    keeps its last proposal, an exactness violation the caller must report.
     """
     rows = mean_q.shape[0]
+    per_row = int(np.prod(mean_q.shape[1:]))
     out = np.zeros(mean_q.shape, dtype=np.float32)
     proposals = np.zeros(rows, dtype=np.int64)
-    pending = np.ones(rows, dtype=bool)
+    pending = np.arange(rows)
     sigma_q = np.exp(0.5 * log_var_q)
-    attempt = 0
-    while pending.any() and attempt < MAX_RESIDUAL_ATTEMPTS:
-        z, u = draw(attempt)
-        y = (mean_q + sigma_q * z).astype(np.float32)
-        # keep with probability 1 - p(y)/q(y) = 1 - exp(-log r): accept iff log(1-u) < log(1 - exp(-log r))
-        lr = log_ratio(y, mean_p, log_var_p, mean_q, log_var_q)
-        keep = pending & (lr > 0) & (u < -np.expm1(-np.maximum(lr, 0.0)))
-        out[keep] = y[keep]
-        proposals[pending] += 1
-        pending &= ~keep
-        attempt += 1
-        if attempt == MAX_RESIDUAL_ATTEMPTS:
-            out[pending] = y[pending]
-    return out, proposals, pending
+    done, chunk = 0, 1
+    while len(pending) and done < max_attempts:
+        k = int(min(chunk, max_attempts - done, max(1, _CHUNK_ELEMENTS // (len(pending) * per_row))))
+        r = np.repeat(pending, k)
+        z, u = draw(r, np.tile(np.arange(done, done + k), len(pending)))
+        y = (mean_q[r] + sigma_q[r] * z).astype(np.float32)
+        # keep with probability 1 - p(y)/q(y) = -expm1(-log r) where log r > 0
+        lr = log_ratio(y, mean_p[r], log_var_p[r], mean_q[r], log_var_q[r])
+        keep = ((lr > 0) & (u < -np.expm1(-np.maximum(lr, 0.0)))).reshape(len(pending), k)
+        hit = keep.any(axis=1)
+        first = np.where(hit, keep.argmax(axis=1), k - 1)
+        y = y.reshape((len(pending), k) + mean_q.shape[1:])
+        out[pending] = y[np.arange(len(pending)), first]  # rows still pending are overwritten later
+        proposals[pending] = done + first + 1
+        pending = pending[~hit]
+        done += k
+        chunk = min(2 * chunk, _MAX_CHUNK)
+    cap_hit = np.zeros(rows, dtype=bool)
+    cap_hit[pending] = True
+    return out, proposals, cap_hit
 
 
 def equal_variance(log_var_p: np.ndarray, log_var_q: np.ndarray) -> np.ndarray:
@@ -93,7 +108,7 @@ def equal_variance(log_var_p: np.ndarray, log_var_q: np.ndarray) -> np.ndarray:
 def coupled_step(x_draft, mean_p, log_var_p, mean_q, log_var_q, u_accept, gamma, residual_draw):
     """Decide one window position for a set of rows: (committed, accepted, proposals, cap_hit).
 
-    ``residual_draw(attempt)`` supplies the residual proposals' noise for these rows.
+    ``residual_draw(rows, attempts)`` supplies the residual proposals' noise (see sample_residual).
     """
     lr = log_ratio(x_draft, mean_p, log_var_p, mean_q, log_var_q)
     ok = accept(lr, u_accept, gamma)
@@ -108,11 +123,7 @@ def coupled_step(x_draft, mean_p, log_var_p, mean_q, log_var_q, u_accept, gamma,
         other = rejected & ~same
         if other.any():
             idx = np.flatnonzero(other)
-
-            def draw_subset(attempt, idx=idx):
-                z, u = residual_draw(attempt)
-                return z[idx], u[idx]
-
-            res, props, caps = sample_residual(mean_p[idx], log_var_p[idx], mean_q[idx], log_var_q[idx], draw_subset)
+            res, props, caps = sample_residual(mean_p[idx], log_var_p[idx], mean_q[idx], log_var_q[idx],
+                                               lambda rows, attempts: residual_draw(idx[rows], attempts))
             committed[idx], proposals[idx], cap_hit[idx] = res, props, caps
     return committed, ok, proposals, cap_hit

@@ -43,28 +43,32 @@ def philox4x32(counters: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack(c, axis=-1).astype(np.uint32)
 
 
-def _blocks(seed: int, samples: np.ndarray, step: np.ndarray | int, purpose: int, count: int) -> np.ndarray:
-    """[rows, 4*ceil(count/4)] uint32 of raw bits; counter = (block, sample, step, purpose)."""
+def _blocks(seed: int, samples: np.ndarray, step, purpose, count: int) -> np.ndarray:
+    """[rows, 4*ceil(count/4)] uint32 of raw bits; counter = (block, sample, step, purpose).
+
+    ``step`` and ``purpose`` are scalars or one value per row.
+    """
     samples = np.asarray(samples, dtype=np.uint64).reshape(-1)
     steps = np.broadcast_to(np.asarray(step, dtype=np.uint64), samples.shape)
+    purposes = np.broadcast_to(np.asarray(purpose, dtype=np.uint64), samples.shape)
     n_blocks = (count + 3) // 4
     counters = np.empty((len(samples), n_blocks, 4), dtype=np.uint32)
     counters[..., 0] = np.arange(n_blocks, dtype=np.uint32)[None, :]
     counters[..., 1] = samples[:, None].astype(np.uint32)
     counters[..., 2] = steps[:, None].astype(np.uint32)
-    counters[..., 3] = np.uint32(purpose)
+    counters[..., 3] = purposes[:, None].astype(np.uint32)
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     bits = philox4x32(counters, (seed & 0xFFFFFFFF, seed >> 32))
     return bits.reshape(len(samples), -1)
 
 
-def uniform(seed: int, samples, step, purpose: int, count: int) -> np.ndarray:
+def uniform(seed: int, samples, step, purpose, count: int) -> np.ndarray:
     """[rows, count] float64 uniforms in (0, 1), one row per sample index."""
     bits = _blocks(seed, samples, step, purpose, count)[:, :count]
     return (bits.astype(np.float64) + 0.5) * 2.0**-32
 
 
-def normal(seed: int, samples, step, purpose: int, shape: tuple[int, ...]) -> np.ndarray:
+def normal(seed: int, samples, step, purpose, shape: tuple[int, ...]) -> np.ndarray:
     """[rows, *shape] float32 standard normals (Box-Muller), one row per sample index."""
     count = int(np.prod(shape))
     u = uniform(seed, samples, step, purpose, count + (count & 1))

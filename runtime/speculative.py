@@ -145,10 +145,10 @@ class SpeculativeSampler:
                 gamma = 1.0 / (1.0 + self.relax * uncertainty(log_var_q[q_rows], sched, steps))
             u = self._uniform(ids[idx], steps, noise.Purpose.ACCEPT)
 
-            def residual_draw(attempt, ids_k=ids[idx], steps_k=steps):
-                purpose = attempt << _ATTEMPT_SHIFT
-                return (self._normal(ids_k, steps_k, noise.Purpose.RESIDUAL + purpose, shape),
-                        self._uniform(ids_k, steps_k, noise.Purpose.RESIDUAL_ACCEPT + purpose))
+            def residual_draw(rows, attempts, ids_k=ids[idx], steps_k=steps):
+                purpose = attempts.astype(np.int64) << _ATTEMPT_SHIFT
+                return (self._normal(ids_k[rows], steps_k[rows], noise.Purpose.RESIDUAL + purpose, shape),
+                        self._uniform(ids_k[rows], steps_k[rows], noise.Purpose.RESIDUAL_ACCEPT + purpose))
 
             out, ok, props, cap = coupled_step(x_tilde[k][idx], mp, lvp, mean_q[q_rows], log_var_q[q_rows], u, gamma,
                                                residual_draw)

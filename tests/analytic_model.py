@@ -14,8 +14,11 @@ the final sample is Gaussian, isotropic: ``exact_final_law`` propagates mean and
 
 The ``drafter`` engine is deliberately POOR: its eps is the optimal eps for the WRONG class means
 (m + drafter_bias), shifted by ``drafter_eps_bias`` (an error in eps space, which keeps TV(p, q)
-away from 0 even at the noisiest steps), and its v differs from the target's by ``drafter_v_offset`` (so the draft and
-target covariances differ: the residual rejection path), unless the offset is 0 (reflection path).
+away from 0 even at the noisiest steps, where the mean error's effect c_t sqrt(abar_t) bias
+vanishes; the two have the same sign so they never cancel: a step with TV ~ 1e-3 would make the
+residual sampler run into its attempt cap), and its v differs from the target's by
+``drafter_v_offset`` (so draft and target covariances differ: the residual rejection path), unless
+the offset is 0 (equal covariances: the reflection path).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ class AnalyticBackend(Backend):
     name = "analytic"
 
     def __init__(self, data_std: float = 0.5, seed: int = 0, drafter_bias: float = 0.35,
-                 drafter_eps_bias: float = 0.08, drafter_v_offset: float = 0.25, info: ModelInfo = INFO,
+                 drafter_eps_bias: float = -0.08, drafter_v_offset: float = 0.25, info: ModelInfo = INFO,
                  with_drafter: bool = True):
         self.info_ = info
         self.s = float(data_std)

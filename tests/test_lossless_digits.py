@@ -1,0 +1,31 @@
+"""Lossless on the real model: FREE's samples are distributed as the sequential sampler's.
+
+1000 FREE vs 1000 sequential samples of the bundled digits DiT (independent seeds), compared on
+the digits classifier's features: the MMD permutation test and the label chi-square test must
+not reject at alpha = 0.01, while the same test rejects a deliberately biased accept rule (proof
+that it has power). CI runs 50 steps (more rejections: harder for the coupling); the 250-step run
+is marked slow, and its recorded output is benchmarks/results/lossless_digits_250.json.
+"""
+from __future__ import annotations
+
+import pytest
+
+from freedit.benchmarks.lossless_digits import ALPHA, run
+
+
+def check(report: dict) -> None:
+    assert report["free"]["residual_cap_hits"] == 0
+    assert report["free"]["acceptance"] < 0.99  # rejections happened: the coupling was exercised
+    assert report["free_vs_sequential"]["mmd"]["p_value"] >= ALPHA, report["free_vs_sequential"]
+    assert report["free_vs_sequential"]["labels"]["p_value"] >= ALPHA, report["free_vs_sequential"]
+    assert report["biased"]["acceptance"] == 1.0
+    assert report["biased_vs_sequential"]["mmd"]["p_value"] < ALPHA, report["biased_vs_sequential"]
+
+
+def test_free_matches_sequential_50_steps():
+    check(run(steps="50", n=1000))
+
+
+@pytest.mark.slow
+def test_free_matches_sequential_250_steps():
+    check(run(steps="250", n=1000))
