@@ -242,13 +242,21 @@ class DiT(nn.Module):
             h = block(h, c)
         return self.head(h, c), h
 
+    def guided_channels(self) -> int:
+        """eps channels CFG guides: all in "all" mode, the first 3 (of 4 latent ones) in DiT's reference."""
+        return self.config.in_channels if self.config.cfg_mode == "all" else min(3, self.config.in_channels)
+
+    def cfg_combine(self, cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Guided output: eps_u + s (eps_c - eps_u) on the guided channels, the rest from the conditional row."""
+        g = self.guided_channels()
+        return torch.cat([uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
+
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """DiT's guided call: batch = [cond half; null half] sharing x; returns the guided output for both halves."""
-        half = x[: len(x) // 2]
-        out, _ = self.forward(torch.cat([half, half]), t, y)
-        g = self.config.in_channels if self.config.cfg_mode == "all" else min(3, self.config.in_channels)
-        cond, uncond = out[: len(x) // 2], out[len(x) // 2:]
-        guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+        half = len(x) // 2
+        out, _ = self.forward(torch.cat([x[:half], x[:half]]), t, y)
+        g = self.guided_channels()
+        guided = self.cfg_combine(out[:half], out[half:], cfg_scale)[:, :g]
         # Like DiT, both halves carry the guided eps; the remaining channels stay per row.
         return torch.cat([torch.cat([guided, guided]), out[:, g:]], dim=1)
 

@@ -58,9 +58,7 @@ def guided_output(dit: DiT, feat: torch.Tensor, t: torch.Tensor, y: torch.Tensor
     cond = dit.head(feat[:, 0], dit.conditioning(t, y))
     if feat.shape[1] == 1:
         return cond
-    uncond = dit.head(feat[:, 1], dit.conditioning(t, null))
-    g = dit.config.in_channels if dit.config.cfg_mode == "all" else min(3, dit.config.in_channels)
-    return torch.cat([uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g]), cond[:, g:]], dim=1)
+    return dit.cfg_combine(cond, dit.head(feat[:, 1], dit.conditioning(t, null)), cfg_scale)
 
 
 @torch.no_grad()
@@ -123,8 +121,8 @@ def unrolled_loss(drafter: Drafter, traj: Trajectories, sched: TorchSchedule, cf
         feature = F.smooth_l1_loss(feat, real, reduction="none").flatten(1).mean(1)
         kl = gaussian_kl(mean_q, lv_q, mean_p, lv_p)
         total = total + (weight * (cfg.feature_weight * feature + kl)).mean()
-        logs["feature"] += float(feature.mean()) / cfg.unroll
-        logs["kl"] += float(kl.mean()) / cfg.unroll
+        logs["feature"] += float(feature.detach().mean()) / cfg.unroll
+        logs["kl"] += float(kl.detach().mean()) / cfg.unroll
     return total / cfg.unroll, logs
 
 

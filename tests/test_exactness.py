@@ -492,10 +492,6 @@ def test_low_tv_drafter_never_hits_the_cap():
     """Regression: a drafter whose errors cancel near t ~ 530 (TV ~ 4e-3 there) used to hit the
     old 1000-proposal cap about once per 3000 samples, committing a draw from q instead of the
     residual. With chunked proposals and the 2**20 cap it must not."""
-    from analytic_model import AnalyticBackend
-
-    from freedit.runtime.pipeline import Pipeline
-
     result = Pipeline(AnalyticBackend(drafter_eps_bias=+0.08)).generate(
         np.arange(3000) % 3, sampler="free", steps="50", cfg_scale=2.0, seed=1, batch_size=3000, window=4)
     assert result.summary["residual_cap_hits"] == 0
