@@ -1,6 +1,6 @@
 """The lossless claim on the bundled digits DiT, as a recorded experiment.
 
-    python -m freedit.benchmarks.lossless_digits --steps 250 --n 1000 --out benchmarks/results/lossless_digits_250
+    python -m freedit.benchmarks.lossless_digits --steps 50 --n 1000 --out benchmarks/results/lossless_digits_50
 
 n FREE samples and n sequential samples (independent seeds, balanced classes) are compared on
 the digits classifier's features: MMD permutation test and a chi-square test on predicted labels.

@@ -4,7 +4,7 @@
 the digits classifier's features: the MMD permutation test and the label chi-square test must
 not reject at alpha = 0.01, while the same test rejects a deliberately biased accept rule (proof
 that it has power). CI runs 50 steps (more rejections: harder for the coupling); the 250-step run
-is marked slow, and its recorded output is benchmarks/results/lossless_digits_250.json.
+is marked slow (not yet recorded); the 50-step run is recorded in benchmarks/results/lossless_digits_50.json.
 """
 from __future__ import annotations
 
