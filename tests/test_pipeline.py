@@ -83,7 +83,6 @@ def test_ddim_is_deterministic_given_the_start(tiny_pipe):
     (dict(class_labels=[0], sampler="magic"), "unknown sampler 'magic'"),
 ])
 def test_bad_arguments_fail_before_sampling(tiny_pipe, kwargs, message):
-    calls_before = tiny_pipe.backend._sessions["dit"]  # noqa: F841 - the session must not be needed
     with pytest.raises(ValueError, match=message):
         tiny_pipe.generate(**kwargs)
 
