@@ -114,7 +114,8 @@ class SpeculativeSampler:
             nxt = x_tilde[k - 1].copy()
             nxt[rows] = (mp + np.exp(0.5 * lvp) * z).astype(np.float32)
             x_tilde.append(nxt)
-            mean_p[k], log_var_p[k] = dict(zip(rows, mp)), dict(zip(rows, lvp))
+            mean_p[k], log_var_p[k] = np.zeros_like(nxt), np.zeros_like(nxt)  # rows outside the window stay unused
+            mean_p[k][rows], log_var_p[k][rows] = mp, lvp
             prev_rows = rows
         # 2. Verify: one target call on every sample's x~_0..x~_L (sample-major, ragged).
         owner = np.repeat(np.arange(n_states), windows + 1)
@@ -138,8 +139,7 @@ class SpeculativeSampler:
                 break
             q_rows = first_row[idx] + k - 1  # q_k is the target's transition from x~_{k-1}
             steps = start[idx] - k + 1
-            mp = np.stack([mean_p[k][i] for i in idx])
-            lvp = np.stack([log_var_p[k][i] for i in idx])
+            mp, lvp = mean_p[k][idx], log_var_p[k][idx]
             gamma = 1.0
             if self.relax > 0:
                 gamma = 1.0 / (1.0 + self.relax * uncertainty(log_var_q[q_rows], sched, steps))
