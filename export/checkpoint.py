@@ -40,8 +40,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfi
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]  # an empty file: EOFError, no text
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+                              f"{detail}") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # DiT's train.py: sample with the EMA weights, as sample.py does
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -89,7 +90,10 @@ def check_state_dict(model: DiT, state: dict[str, torch.Tensor], source: str) ->
 def load_dit(path: str | Path, config: DiTConfig | None = None) -> DiT:
     """A DiT in eval mode with the checkpoint's weights. Without a config: the file's own or inferred."""
     state, embedded = read_state_dict(path)
-    config = config or embedded or infer_config(state)
+    try:
+        config = config or embedded or infer_config(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     model = DiT(config)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
@@ -105,3 +109,26 @@ def save_dit(model: DiT, path: str | Path, extra_metadata: dict[str, str] | None
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+def random_dit(config: DiTConfig, seed: int = 0) -> DiT:
+    """A DiT with random weights that exercise every path: DiT's init, then small random values where
+    DiT's init puts zeros (adaLN-Zero, final layer), which would otherwise make every output zero."""
+    torch.manual_seed(seed)
+    model = DiT(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.any():
+                param.normal_(std=0.02)
+    return model.eval()
+
+
+def save_official(model: DiT, path: str | Path) -> None:
+    """The official checkpoint format (DiT-XL-2-256x256.pt): a bare state dict saved by torch.save."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(model.state_dict(), str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

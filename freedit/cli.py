@@ -1,13 +1,15 @@
 """freedit: FREE speculative sampling for Diffusion Transformers.
 
-Subcommands follow the pipeline: train-dit (export side, torch) -> export (ONNX) -> generate
-(runtime, no torch). Every command checks its inputs before working and fails with one line.
+Subcommands follow the pipeline: train-dit / train-drafter / init-checkpoint (torch) -> export
+(ONNX) -> build (TensorRT plans) -> check (polygraphy) -> generate (runtime, no torch). Every
+command checks its inputs before working and fails with one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -75,33 +77,182 @@ def summary_line(out, classes: str, result) -> str:
     return line + f", {m['seconds']:.1f} s ({m['seconds_per_image'] * 1e3:.0f} ms/image, {s['backend']})"
 
 
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _export(args: argparse.Namespace) -> int:
     from freedit.export.checkpoint import load_dit
     from freedit.export.dit import official_config
-    from freedit.export.onnx_export import export_dit
+    from freedit.export.onnx_export import export_drafter, export_dit, export_graph
+    from freedit.export.precision import MIN_OPSET, check_precision
 
+    opset = args.opset if args.opset is not None else MIN_OPSET.get(args.precision, 18)
+    check_precision(args.precision, opset)  # before loading anything large
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file, not a folder")
+    from freedit.runtime.pipeline import default_model_dir
+
+    bundled = args.checkpoint == "bundled"
+    checkpoint = default_model_dir() / "digits_dit.safetensors" if bundled else Path(args.checkpoint)
+    drafter_path = args.drafter or (default_model_dir() / "drafter.safetensors" if bundled else None)
     config = official_config(args.config, args.image_size) if args.config else None
+    external = {"auto": None, "always": True}[args.external_data]
     t0 = time.perf_counter()
-    print(f"loading {args.checkpoint} ...", file=sys.stderr)
-    model = load_dit(args.checkpoint, config)
+    _log(f"loading {checkpoint} ...")
+    model = load_dit(checkpoint, config)
     drafter = None
-    if args.drafter:
+    if drafter_path:
         from freedit.export.drafter import load_drafter
 
-        drafter = load_drafter(args.drafter, model)  # refuses a drafter trained for another DiT
-    print(f"exporting dit to {out_dir / 'dit.onnx'} (opset {args.opset}, fp32, dynamic batch) ...", file=sys.stderr)
-    report = export_dit(model, out_dir / "dit.onnx", opset=args.opset)
-    errors = ", ".join(f"{k} {v:.1e}" for k, v in report.max_abs_error.items())
-    print(f"wrote {out_dir / 'dit.onnx'} in {time.perf_counter() - t0:.1f} s; ONNX Runtime vs PyTorch max rel. error: {errors}")
-    if drafter is not None:
-        from freedit.export.onnx_export import export_drafter
+        drafter = load_drafter(drafter_path, model)  # refuses a drafter trained for another DiT
+    vae = None
+    if args.vae != "none":
+        from freedit.export.vae import load_vae
 
-        report = export_drafter(drafter, out_dir / "drafter.onnx", opset=args.opset)
-        errors = ", ".join(f"{k} {v:.1e}" for k, v in report.max_abs_error.items())
-        print(f"wrote {out_dir / 'drafter.onnx'}; ONNX Runtime vs PyTorch max rel. error: {errors}")
+        if model.config.in_channels != 4:
+            raise UsageError(f"--vae is for latent DiTs (4 channels); this one has {model.config.in_channels}")
+        vae = load_vae(args.vae)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kw = dict(opset=opset, precision=args.precision, log=None if args.quiet else _log, external_data=external)
+    written = [("dit.onnx", export_dit(model, out_dir / "dit.onnx", **kw))]
+    if drafter is not None:
+        written.append(("drafter.onnx", export_drafter(drafter, out_dir / "drafter.onnx", **kw)))
+    if vae is not None:
+        from freedit.export.vae import vae_spec
+
+        # fp32 whatever --precision: it runs once per image, and the SD VAE is known to overflow in fp16.
+        written.append(("vae_decoder.onnx", export_graph(vae_spec(vae, model.config.input_size),
+                                                         out_dir / "vae_decoder.onnx", **{**kw, "precision": "fp32"})))
+    if bundled:
+        shutil.copyfile(default_model_dir() / "pipeline.json", out_dir / "pipeline.json")
+    for name, report in written:
+        print(f"wrote {out_dir / name}: {report.describe()}")
+    print(f"exported {len(written)} graph(s) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _init_checkpoint(args: argparse.Namespace) -> int:
+    from freedit.export.checkpoint import random_dit, save_dit, save_official
+    from freedit.export.dit import official_config
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"folder {out.parent} does not exist")
+    model = random_dit(official_config(args.config, args.image_size), seed=args.seed)
+    (save_dit if out.suffix == ".safetensors" else save_official)(model, out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: {args.config} at {args.image_size} px with random weights ({n:,} parameters)")
+    return 0
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def _model_dir(text: str) -> Path:
+    from freedit.runtime.pipeline import default_model_dir
+
+    path = default_model_dir() if text == "bundled" else Path(text)
+    if not path.is_dir():
+        raise UsageError(f"model directory {path} does not exist (export one with `freedit export --out {path}`)")
+    return path
+
+
+def _build(args: argparse.Namespace) -> int:
+    from freedit.engine.directory import build_directory
+    from freedit.engine.profiles import BuildSettings
+    from freedit.engine.tensorrt_api import load_tensorrt
+
+    model_dir = _model_dir(args.model_dir)
+    if args.model_dir == "bundled" and not args.out:
+        raise UsageError("the bundled model lives inside the installed package; give --out for its engines")
+    targets = tuple(t.strip().lower().removeprefix("sm").lstrip("_").replace(".", "")
+                    for t in args.targets.split(",") if t.strip())
+    settings = BuildSettings(batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"), window=args.window,
+                             cfg=not args.no_cfg, static_batches=_int_list(args.static_batches, "--static-batches"),
+                             targets=targets)
+    trt = load_tensorrt(args.builder)
+    _log(f"building with {trt.describe()} into {args.out or model_dir / 'engines'}")
+    for o in build_directory(model_dir, trt, settings, Path(args.out) if args.out else None, args.force,
+                             _log, not args.no_progress):
+        m = o.manifest.data
+        print(f"{o.graph}: {o.action} {o.plan} ({m['plan']['bytes'] / 2**20:.1f} MiB, {m['onnx']['precision']}, "
+              f"{m['builder']['kind']} {m['builder']['version']}, targets {','.join(m['targets'])}"
+              + (f", {o.seconds:.1f} s" if o.seconds else "") + ")")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from freedit.engine.check import PairResult, check_onnx, check_tensorrt, tensorrt_unavailable
+    from freedit.engine.directory import engines_dir
+    from freedit.export.checkpoint import load_dit
+    from freedit.export.dit import DiTConfig
+    from freedit.export.onnx_export import dit_spec, drafter_spec
+    from freedit.runtime.pipeline import default_model_dir
+
+    model_dir = _model_dir(args.model_dir)
+    batches = _int_list(args.batches, "--batches")
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batches must be integers >= 1, got {args.batches!r}")
+    bundled = args.checkpoint == "bundled"
+    checkpoint = default_model_dir() / "digits_dit.safetensors" if bundled else Path(args.checkpoint)
+    drafter_path = args.drafter or (default_model_dir() / "drafter.safetensors" if bundled else None)
+    _, meta = _onnx_metadata(model_dir / "dit.onnx")
+    model = load_dit(checkpoint, DiTConfig.from_dict(json.loads(meta["freedit.config"])))
+    specs = {"dit": dit_spec(model)}
+    if (model_dir / "drafter.onnx").is_file():
+        if not drafter_path:
+            raise UsageError(f"{model_dir} has drafter.onnx; give --drafter (its .safetensors) to check it")
+        from freedit.export.drafter import load_drafter
+
+        specs["drafter"] = drafter_spec(load_drafter(drafter_path, model))
+    if (model_dir / "vae_decoder.onnx").is_file() and args.vae:
+        from freedit.export.vae import load_vae, vae_spec
+
+        specs["vae_decoder"] = vae_spec(load_vae(args.vae), model.config.input_size)
+    results: list[PairResult] = []
+    plans = engines_dir(model_dir, Path(args.engines) if args.engines else None)
+    for graph, spec in specs.items():
+        onnx_path = model_dir / f"{graph}.onnx"
+        precision = _onnx_metadata(onnx_path)[1].get("freedit.precision", "fp32")
+        _log(f"{graph}: ONNX ({precision}) vs PyTorch on batches {list(batches)} ...")
+        results.append(check_onnx(spec, onnx_path, precision, batches))
+        why = tensorrt_unavailable(plans / f"{graph}.plan")
+        if why:
+            results.append(PairResult(graph, "onnxruntime", "tensorrt", float("nan"), skipped=why))
+        else:
+            _log(f"{graph}: TensorRT vs ONNX Runtime ...")
+            results.append(check_tensorrt(spec, onnx_path, plans / f"{graph}.plan", precision, batches))
+    for r in results:
+        head = f"{r.graph}: {r.candidate} vs {r.reference}"
+        if r.skipped:
+            print(f"{head}: skipped ({r.skipped})")
+            continue
+        print(f"{head}: {'PASS' if r.passed else 'FAIL'} (tolerance {r.tolerance:g} x output scale)")
+        for name, m in r.metrics.items():
+            print(f"  {name:10s} max abs {m['max_abs']:.2e}  mean abs {m['mean_abs']:.2e}  p99 abs {m['p99_abs']:.2e}  "
+                  f"max rel. to scale {m['max_rel_to_scale']:.2e}")
+    ran = [r for r in results if not r.skipped]
+    verdict = all(r.passed for r in ran)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model_dir": str(model_dir), "passed": verdict,
+                                               "pairs": [r.to_dict() for r in results]}, indent=1))
+    print(f"verdict: {'PASS' if verdict else 'FAIL'} ({len(ran)} comparisons ran, {len(results) - len(ran)} skipped)")
+    return 0 if verdict else 1
+
+
+def _onnx_metadata(path: Path) -> tuple[object, dict[str, str]]:
+    import onnx
+
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    model = onnx.load(str(path), load_external_data=False)
+    return model, {p.key: p.value for p in model.metadata_props}
 
 
 def _train_drafter(args: argparse.Namespace) -> int:
@@ -157,16 +308,67 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
-    e = sub.add_parser("export", formatter_class=fmt, help="export a DiT checkpoint to ONNX (needs the torch extra)",
-                       description="Export a DiT (official .pt, train.py checkpoint or our safetensors) to ONNX per the "
-                                   "'dit' contract, checked against PyTorch with ONNX Runtime.")
-    e.add_argument("--checkpoint", required=True, help="DiT-XL-2-256x256.pt, a train.py checkpoint or .safetensors")
+    e = sub.add_parser("export", formatter_class=fmt, help="export DiT (+ drafter, VAE decoder) to ONNX (torch extra)",
+                       description="Export a DiT (official .pt, train.py checkpoint, our safetensors or the bundled model) "
+                                   "and optionally its drafter and VAE decoder to ONNX per the runtime contracts. Every "
+                                   "graph is checked against PyTorch before it is moved into place.")
+    e.add_argument("--checkpoint", default="bundled", help="DiT-XL-2-256x256.pt, a train.py checkpoint, .safetensors, "
+                   "or 'bundled' (the digits DiT and its drafter)")
     e.add_argument("--config", default=None, help="official config name such as DiT-XL/2 (default: inferred from the file)")
     e.add_argument("--image-size", type=int, default=256, help="image size for an official config (latent = size / 8)")
-    e.add_argument("--out", required=True, help="output model directory (dit.onnx)")
+    e.add_argument("--out", required=True, help="output model directory (dit.onnx, drafter.onnx, vae_decoder.onnx)")
     e.add_argument("--drafter", default=None, help="drafter.safetensors from `freedit train-drafter` (exports drafter.onnx)")
-    e.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="GEMM/attention precision in the graph; LayerNorm, modulation, gates, residuals and the "
+                        "timestep embedding stay fp32")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18, or 22 for bf16)")
+    e.add_argument("--vae", default="none", help="also export the VAE decoder of a latent DiT: a diffusers folder, "
+                   "a hub id (stabilityai/sd-vae-ft-ema), or 'random' (SD VAE shape, random weights)")
+    e.add_argument("--external-data", default="auto", choices=["auto", "always"],
+                   help="weights in a .data file beside the graph: above 2 GB (protobuf's limit), or always")
+    e.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
     e.set_defaults(func=_export)
+
+    r = sub.add_parser("init-checkpoint", formatter_class=fmt, help="write an official DiT config with random weights",
+                       description="Write a DiT checkpoint with random weights in the official format (.pt state dict) "
+                                   "or ours (.safetensors), for sizing engines and benchmarking cost curves.")
+    r.add_argument("--config", default="DiT-XL/2", help="official config name")
+    r.add_argument("--image-size", type=int, default=256, help="image size (latent = size / 8)")
+    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--out", required=True, help="checkpoint to write (.pt = official format, .safetensors = ours)")
+    r.set_defaults(func=_init_checkpoint)
+
+    b = sub.add_parser("build", formatter_class=fmt, help="build TensorRT plans for an exported model directory",
+                       description="Build a TensorRT plan (with `tensorrt` when installed, else `tensorrt_rtx`) for every "
+                                   "graph in MODEL_DIR, with a manifest per plan. Up-to-date plans are kept; stale ones "
+                                   "(ONNX, builder or settings changed) are rebuilt; plans without a manifest are refused.")
+    b.add_argument("model_dir", help="folder written by `freedit export` (dit.onnx, drafter.onnx, ...), or 'bundled'")
+    b.add_argument("--out", default=None, help="engine folder (default: MODEL_DIR/engines)")
+    b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
+                   help="auto = tensorrt when installed, else tensorrt-rtx")
+    b.add_argument("--batch-sizes", default="1,8", help="samples in flight per micro-batch the engines must serve")
+    b.add_argument("--window", type=int, default=8, help="FREE's window L: the DiT verifies B*(L+1) states per call")
+    b.add_argument("--no-cfg", action="store_true", help="engines for guidance scale 1 (one row per state, not two)")
+    b.add_argument("--static-batches", default="", help="sample batch sizes that also get exact-shape profiles "
+                   "(for CUDA graphs), e.g. '1,8'")
+    b.add_argument("--targets", default="", help="compute capabilities for TensorRT-RTX, e.g. '80,86,89,120' "
+                   "(default: those four); full TensorRT builds for the GPU it runs on")
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date; overwrite plans without a manifest")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=_build)
+
+    c = sub.add_parser("check", formatter_class=fmt, help="compare ONNX with PyTorch and plans with ONNX (polygraphy)",
+                       description="Per graph in MODEL_DIR: ONNX Runtime vs PyTorch always; TensorRT vs ONNX Runtime where "
+                                   "a GPU and TensorRT are present. Prints per-output error metrics and a verdict "
+                                   "(exit 0 = pass, 1 = a comparison failed).")
+    c.add_argument("model_dir", help="folder written by `freedit export`, or 'bundled'")
+    c.add_argument("--checkpoint", default="bundled", help="the DiT checkpoint the ONNX was exported from")
+    c.add_argument("--drafter", default=None, help="the drafter .safetensors behind drafter.onnx")
+    c.add_argument("--vae", default=None, help="the VAE source behind vae_decoder.onnx (as given to export)")
+    c.add_argument("--engines", default=None, help="engine folder (default: MODEL_DIR/engines)")
+    c.add_argument("--batches", default="1,3", help="batch sizes of the random inputs compared")
+    c.add_argument("--json", default=None, help="also write the metrics and verdict as JSON here")
+    c.set_defaults(func=_check)
 
     t = sub.add_parser("train-dit", formatter_class=fmt, help="train the bundled digits DiT (needs the torch extra)",
                        description="Train the class-conditional digits DiT on scikit-learn's digits (resumable).")
@@ -200,9 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from freedit.errors import FreeditError
     from freedit.runtime.contract import ContractError
 
-    known = (UsageError, ValueError, FileNotFoundError, ContractError, PermissionError, IsADirectoryError)
+    known = (UsageError, ValueError, FileNotFoundError, ContractError, PermissionError, IsADirectoryError,
+             FreeditError, OSError)
     try:
         return args.func(args)
     except known as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 CONFIG_METADATA_KEY = "freedit.config"
 CONTRACT_METADATA_KEY = "freedit.contract"
+PRECISION_METADATA_KEY = "freedit.precision"  # fp32/fp16/bf16 inside; the I/O below is fp32 always
 
 
 class ContractError(ValueError):
@@ -34,6 +35,8 @@ CONTRACTS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
         # ONNX value names are unique within a graph, so the drafted features cannot reuse "feat".
         (TensorSpec("draft_feat", "tensor(float)", 3), TensorSpec("eps_v", "tensor(float)", 4)),
     ),
+    # Latent models: DiT latents (unscaled, as the sampler ends) -> RGB in [-1, 1]; 1/0.18215 is in the graph.
+    "vae_decoder": ((TensorSpec("latent", "tensor(float)", 4),), (TensorSpec("image", "tensor(float)", 4),)),
 }
 
 
