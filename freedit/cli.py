@@ -33,7 +33,7 @@ def parse_labels(text: str) -> list[int]:
 
 def _generate(args: argparse.Namespace) -> int:
     from freedit.runtime.images import check_writable, make_grid, save_png
-    from freedit.runtime.pipeline import Pipeline
+    from freedit.runtime.pipeline import Pipeline, default_model_dir
 
     labels = [y for y in parse_labels(args.classes) for _ in range(args.per_class)]
     if args.per_class < 1:
@@ -45,7 +45,8 @@ def _generate(args: argparse.Namespace) -> int:
         check_writable(Path(args.samples_dir) / "x.png")
     if args.stats:
         check_writable(args.stats)
-    pipe = Pipeline.from_directory(args.model, threads=args.threads) if args.model else Pipeline.default(threads=args.threads)
+    model = args.model or default_model_dir()
+    pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads)
     result = pipe.generate(labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
                            batch_size=args.batch_size, window=args.window, relax=args.relax,
                            progress=not args.no_progress)
@@ -304,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", default=None, help="write settings, summary and per-sample statistics as JSON here")
     g.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the written images")
     g.add_argument("--model", default=None, help="model directory with dit.onnx (default: the bundled digits DiT)")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads (default: up to 8)")
+    g.add_argument("--backend", default="onnxruntime", help="onnxruntime, onnxruntime-cuda, torch, torch-compiled, "
+                   "torch-cuda, torch-cuda-compiled or tensorrt (plans from `freedit build`)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime or torch (default: up to 8)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 

@@ -18,3 +18,7 @@ class BuildError(FreeditError):
 
 class StalePlanError(FreeditError):
     """A plan whose manifest does not match its ONNX, builder, device or settings."""
+
+
+class BackendUnavailable(FreeditError):
+    """A backend this machine cannot run (no GPU, no CUDA provider, no TensorRT)."""

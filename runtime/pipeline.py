@@ -26,7 +26,9 @@ from freedit.runtime.target import GuidedModel
 
 SAMPLERS = ("free", "free-relax", "frozen", "sequential", "ddim")
 SPECULATIVE = ("free", "free-relax", "frozen")
-BACKENDS = ("onnxruntime",)
+#: Backends by name: ONNX Runtime (CPU; CUDA with onnxruntime-gpu), PyTorch (extra `torch`; eager or
+#: compiled, CPU or CUDA) and TensorRT (plans from `freedit build`, GPU only).
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "torch", "torch-compiled", "torch-cuda", "torch-cuda-compiled", "tensorrt")
 
 
 def default_model_dir() -> Path:
@@ -84,10 +86,7 @@ class Pipeline:
             raise FileNotFoundError(f"{path} has no dit.onnx; export one with `freedit export` (or reinstall freedit "
                                     f"for the bundled model)")
         defaults = json.loads((path / "pipeline.json").read_text()) if (path / "pipeline.json").is_file() else {}
-        from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-        files = {"dit": dit, **({"drafter": path / "drafter.onnx"} if (path / "drafter.onnx").is_file() else {})}
-        return cls(OnnxRuntimeBackend(files, threads=threads), defaults, source=str(path))
+        return cls(_make_backend(backend, path, defaults, threads), defaults, source=str(path))
 
     @classmethod
     def default(cls, backend: str = "onnxruntime", threads: int | None = None) -> "Pipeline":
@@ -184,6 +183,31 @@ class Pipeline:
         if sampler in SPECULATIVE:
             summary.update(speculative_summary(stats))
         return GenerationResult(np.stack([s.x for s in done]), labels, stats, settings, seconds, summary)
+
+
+def _make_backend(name: str, path: Path, defaults: dict, threads: int | None) -> Backend:
+    """The backend ``name`` for the model directory ``path`` (see BACKENDS)."""
+    has_drafter = (path / "drafter.onnx").is_file()
+    if name.startswith("onnxruntime"):
+        from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        files = {"dit": path / "dit.onnx", **({"drafter": path / "drafter.onnx"} if has_drafter else {})}
+        return OnnxRuntimeBackend(files, threads=threads, device="cuda" if name.endswith("cuda") else "cpu")
+    if name.startswith("torch"):
+        from freedit.runtime.backends.pytorch import CHECKPOINTS, TorchBackend
+
+        names = {**CHECKPOINTS, **defaults.get("checkpoints", {})}
+        dit = path / names["dit"]
+        if not dit.is_file():
+            raise FileNotFoundError(f"the torch backend needs the DiT weights {dit} (pipeline.json 'checkpoints' "
+                                    f"names them)")
+        drafter = path / names["drafter"] if (path / names["drafter"]).is_file() else None
+        return TorchBackend.from_checkpoints(dit, drafter, device="cuda" if "cuda" in name else "cpu",
+                                             compile=name.endswith("compiled"), threads=threads,
+                                             mode="reduce-overhead" if "cuda" in name else None)
+    from freedit.runtime.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(path)
 
 
 def check_drafter_matches(dit, drafter, source: str) -> None:

@@ -1,0 +1,128 @@
+"""Every backend behind the one interface drives the same samplers (DESIGN §5).
+
+ONNX Runtime (session.run and I/O binding) and PyTorch run here on the CPU; the CUDA variants and
+TensorRT need a GPU: here they must refuse with one clear error, and their GPU tests skip.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from freedit.errors import BackendUnavailable
+from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from freedit.runtime.pipeline import Pipeline
+
+torch = pytest.importorskip("torch")
+
+
+def _random_inputs(info, rows: int, seed: int, feat: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inputs = {"x": rng.normal(size=(rows, info.in_channels, info.input_size, info.input_size)).astype(np.float32),
+              "t": rng.integers(0, 1000, rows).astype(np.float32),
+              "y": rng.integers(0, info.num_classes + 1, rows).astype(np.int64)}
+    if feat:
+        inputs = {"feat": rng.normal(size=(rows, info.num_tokens, info.hidden_size)).astype(np.float32), **inputs}
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(bundled_dir):
+    return Pipeline.from_directory(bundled_dir, threads=2)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(bundled_dir):
+    return Pipeline.from_directory(bundled_dir, backend="torch", threads=2)
+
+
+def test_torch_backend_matches_onnxruntime_per_call(ort_pipe, torch_pipe):
+    for engine in ("dit", "drafter"):
+        inputs = _random_inputs(ort_pipe.info, 7, seed=3, feat=engine == "drafter")
+        want = ort_pipe.backend.run(engine, inputs)
+        got = torch_pipe.backend.run(engine, inputs)
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].dtype == np.float32 and got[name].shape == want[name].shape
+            np.testing.assert_allclose(got[name], want[name], atol=2e-5 * max(1, np.abs(want[name]).max()))
+
+
+def test_io_binding_path_equals_session_run(bundled_dir):
+    files = {"dit": bundled_dir / "dit.onnx", "drafter": bundled_dir / "drafter.onnx"}
+    plain = OnnxRuntimeBackend(files, threads=1)
+    bound = OnnxRuntimeBackend(files, threads=1, io_binding=True)
+    for engine in ("dit", "drafter"):
+        inputs = _random_inputs(plain.info("dit"), 5, seed=11, feat=engine == "drafter")
+        want, got = plain.run(engine, inputs), bound.run(engine, inputs)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("sampler", ["sequential", "free"])
+def test_samplers_give_the_same_images_on_torch_and_onnxruntime(ort_pipe, torch_pipe, sampler):
+    """Same seed, same sampler code, two backends whose outputs differ by ~1e-6: same images. A
+    FREE accept decision could in principle flip on such a difference; at most one sample may."""
+    labels = [0, 1, 2, 3, 4, 5, 6, 7]
+    kw = dict(sampler=sampler, steps=25, seed=5, batch_size=4)
+    a, b = ort_pipe.generate(labels, **kw), torch_pipe.generate(labels, **kw)
+    assert b.settings["backend"] == "torch-cpu"
+    close = [np.allclose(x, y, atol=1e-3) for x, y in zip(a.samples, b.samples)]
+    assert sum(close) >= (len(labels) if sampler == "sequential" else len(labels) - 1), close
+    if sampler == "free":
+        assert [s["target_calls"] for s in a.stats] == pytest.approx([s["target_calls"] for s in b.stats], abs=1)
+
+
+def test_torch_backend_is_deterministic(torch_pipe):
+    kw = dict(sampler="free", steps=20, seed=9, batch_size=3)
+    first, second = torch_pipe.generate([3, 1, 4], **kw), torch_pipe.generate([3, 1, 4], **kw)
+    np.testing.assert_array_equal(first.samples, second.samples)
+
+
+def test_gpu_backends_refuse_cleanly_without_a_gpu(bundled_dir):
+    from freedit.engine.builder import device_compute_capability
+
+    if device_compute_capability() is not None:
+        pytest.skip("this machine has a GPU; the refusal path is for machines without one")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="no CUDA execution provider"):
+            Pipeline.from_directory(bundled_dir, backend="onnxruntime-cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="torch sees no CUDA GPU"):
+            Pipeline.from_directory(bundled_dir, backend="torch-cuda")
+    with pytest.raises(BackendUnavailable, match="needs an NVIDIA GPU"):
+        Pipeline.from_directory(bundled_dir, backend="tensorrt")
+
+
+def test_unknown_backend_and_missing_weights_are_refused(bundled_dir, tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        Pipeline.from_directory(bundled_dir, backend="cuda")
+    with pytest.raises(FileNotFoundError, match="torch backend needs the DiT weights"):
+        Pipeline.from_directory(tiny_model_dir, backend="torch")
+
+
+@pytest.mark.slow
+def test_torch_compiled_backend_matches_eager(bundled_dir, torch_pipe):
+    compiled = Pipeline.from_directory(bundled_dir, backend="torch-compiled", threads=2)
+    inputs = _random_inputs(torch_pipe.info, 6, seed=2)
+    want, got = torch_pipe.backend.run("dit", inputs), compiled.backend.run("dit", inputs)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["onnxruntime-cuda", "torch-cuda", "torch-cuda-compiled"])
+def test_gpu_backend_matches_cpu(bundled_dir, ort_pipe, backend):
+    from freedit.engine.builder import device_compute_capability
+
+    if device_compute_capability() is None:
+        pytest.skip("no CUDA GPU: cudaGetDeviceCount found none")
+    try:
+        pipe = Pipeline.from_directory(bundled_dir, backend=backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    for engine in ("dit", "drafter"):
+        inputs = _random_inputs(ort_pipe.info, 9, seed=4, feat=engine == "drafter")
+        want, got = ort_pipe.backend.run(engine, inputs), pipe.backend.run(engine, inputs)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-3 * max(1, np.abs(want[name]).max()))
