@@ -17,6 +17,7 @@ import numpy as np
 from freedit.runtime import noise
 from freedit.runtime.backends.base import Backend
 from freedit.runtime.images import make_grid, to_uint8
+from freedit.runtime.overlap import run_overlapped
 from freedit.runtime.ragged import SampleState, run_ragged
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 from freedit.runtime.sequential import SequentialSampler
@@ -43,6 +44,7 @@ class GenerationResult:
     settings: dict
     seconds: float
     summary: dict = field(default_factory=dict)
+    timeline: list[dict] | None = None  # phase events when micro-batches overlapped (runtime/overlap.py)
 
     @property
     def images(self) -> np.ndarray:
@@ -126,12 +128,13 @@ class Pipeline:
 
     def generate(self, class_labels: Sequence[int], sampler: str | None = None, steps=None,
                  cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None, window: int | None = None,
-                 relax: float | None = None, progress: bool = False) -> GenerationResult:
+                 relax: float | None = None, progress: bool = False, micro_batches: int = 1) -> GenerationResult:
         """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
 
         ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
         accept test, ``relax`` = lambda), "frozen" (training-free drafter), "sequential" (DDPM), "ddim".
-        ``window`` is FREE's draft length L.
+        ``window`` is FREE's draft length L. ``micro_batches`` > 1 (speculative samplers) keeps that
+        many batches of ``batch_size`` in flight, one drafting while another verifies.
         """
         sampler = self.defaults["sampler"] if sampler is None else sampler
         steps = self.defaults["steps"] if steps is None else steps
@@ -140,6 +143,10 @@ class Pipeline:
         window = self.defaults["window"] if window is None else window
         relax = float(self.defaults["relax"] if relax is None else relax) if sampler == "free-relax" else 0.0
         labels, spacing = self.validate(class_labels, sampler, steps, cfg_scale, seed, batch_size, window, relax)
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
+            raise ValueError(f"micro batches must be an integer >= 1, got {micro_batches!r}")
+        if micro_batches > 1 and sampler not in SPECULATIVE:
+            raise ValueError(f"micro batches overlap drafting with verification; sampler {sampler!r} does not draft")
         if sampler == "ddim" and spacing.isdigit():
             spacing = f"ddim{spacing}"
         schedule = Schedule.create(spacing)
@@ -164,8 +171,13 @@ class Pipeline:
 
             bar = tqdm(total=len(labels) * n, desc=f"{sampler} x{len(labels)}", unit="step", leave=False)
         start = time.perf_counter()
+        timeline = None
         try:
-            done = run_ragged(states, batch_size, impl.advance, on_progress=bar.update if bar else None)
+            if micro_batches > 1:
+                done, timeline = run_overlapped(states, batch_size, impl, int(micro_batches),
+                                                on_progress=bar.update if bar else None)
+            else:
+                done = run_ragged(states, batch_size, impl.advance, on_progress=bar.update if bar else None)
         finally:
             if bar:
                 bar.close()
@@ -174,7 +186,7 @@ class Pipeline:
         settings = {"sampler": sampler, "steps": spacing, "num_steps": n, "cfg_scale": cfg_scale, "seed": seed,
                     "batch_size": batch_size, "backend": self.backend.name, "model": self.source}
         if sampler in SPECULATIVE:
-            settings.update(window=window, relax=relax)
+            settings.update(window=window, relax=relax, micro_batches=int(micro_batches))
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),
                    "mean_target_calls": float(calls.mean()), "batched_target_calls": target.calls,
@@ -182,7 +194,11 @@ class Pipeline:
                    "drafter_calls": drafter_model.calls if drafter_model else 0}
         if sampler in SPECULATIVE:
             summary.update(speculative_summary(stats))
-        return GenerationResult(np.stack([s.x for s in done]), labels, stats, settings, seconds, summary)
+        if timeline is not None:
+            summary.update(draft_busy_s=timeline.busy("draft"), verify_busy_s=timeline.busy("verify"),
+                           draft_verify_overlap_s=timeline.overlap())
+        return GenerationResult(np.stack([s.x for s in done]), labels, stats, settings, seconds, summary,
+                                timeline.to_dict() if timeline is not None else None)
 
 
 def _make_backend(name: str, path: Path, defaults: dict, threads: int | None) -> Backend:

@@ -27,6 +27,25 @@ _ATTEMPT_SHIFT = 8
 
 
 @dataclass
+class Round:
+    """One round's arrays, handed from draft to verify to decide (possibly on other threads)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    start: np.ndarray
+    windows: np.ndarray
+    shape: tuple
+    x_tilde: list
+    mean_p: dict
+    log_var_p: dict
+    eps_q: np.ndarray | None = None
+    feat_q: np.ndarray | None = None
+    mean_q: np.ndarray | None = None
+    log_var_q: np.ndarray | None = None
+    first_row: np.ndarray | None = None
+
+
+@dataclass
 class Carry:
     """What a committed state brings into its next round: the real outputs of its parent."""
 
@@ -89,7 +108,12 @@ class SpeculativeSampler:
         return noise.uniform(self.seed, ids, steps, purpose, 1)[:, 0]
 
     def advance(self, states: list[SampleState]) -> None:
-        sched, n_states = self.schedule, len(states)
+        """One round for every state: draft, verify (one target call), decide and commit."""
+        self.decide(states, self.verify(self.draft(states)))
+
+    def draft(self, states: list[SampleState]) -> "Round":
+        """Step 1 (drafter only): x~_1..x~_L per sample and the draft transitions p_k."""
+        sched = self.schedule
         ids = np.array([s.index for s in states])
         labels = np.array([s.label for s in states])
         start = np.array([s.step for s in states])
@@ -117,6 +141,12 @@ class SpeculativeSampler:
             mean_p[k], log_var_p[k] = np.zeros_like(nxt), np.zeros_like(nxt)  # rows outside the window stay unused
             mean_p[k][rows], log_var_p[k][rows] = mp, lvp
             prev_rows = rows
+        return Round(ids, labels, start, windows, shape, x_tilde, mean_p, log_var_p)
+
+    def verify(self, r: "Round") -> "Round":
+        """Step 2 (target only): one batched call on every sample's x~_0..x~_L -> q_1..q_{L+1}."""
+        sched, labels, start, windows, x_tilde = self.schedule, r.labels, r.start, r.windows, r.x_tilde
+        n_states = len(r.ids)
         # 2. Verify: one target call on every sample's x~_0..x~_L (sample-major, ragged).
         owner = np.repeat(np.arange(n_states), windows + 1)
         position = np.concatenate([np.arange(w + 1) for w in windows])
@@ -126,6 +156,14 @@ class SpeculativeSampler:
         mean_q, log_var_q = ops.transition(sched, v_x, eps_q, v_steps)
         feat_q = split_rows(feat_q, self.target.guided)
         first_row = np.concatenate([[0], np.cumsum(windows + 1)[:-1]])
+        r.eps_q, r.feat_q, r.mean_q, r.log_var_q, r.first_row = eps_q, feat_q, mean_q, log_var_q, first_row
+        return r
+
+    def decide(self, states: list[SampleState], r: "Round") -> None:
+        """Step 3 (host maths, no model): accept test, residual or bonus step, commit."""
+        sched, n_states, shape = self.schedule, len(states), r.shape
+        ids, start, windows, x_tilde, mean_p, log_var_p = r.ids, r.start, r.windows, r.x_tilde, r.mean_p, r.log_var_p
+        eps_q, feat_q, mean_q, log_var_q, first_row = r.eps_q, r.feat_q, r.mean_q, r.log_var_q, r.first_row
         # 3. Decide, position by position, for the samples still alive.
         alive = np.ones(n_states, dtype=bool)
         committed = [None] * n_states

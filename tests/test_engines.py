@@ -6,9 +6,6 @@ tests is a real one. What cannot run here is executing a plan; `freedit check` s
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,7 @@
 """TensorRT backend: the plans of an engine directory (engine/directory.py) on one CUDA stream.
 
-Per engine: one execution context with its own device memory (so the drafter and the verifier
-can run concurrently on separate streams), tensors bound by name, ``execute_async_v3``. Every
+Per engine: one execution context with its own device memory and its own CUDA stream (so the
+drafter and the verifier run concurrently when micro-batches overlap, runtime/overlap.py), tensors bound by name, ``execute_async_v3``. Every
 input and output buffer is allocated once, at the largest row count of the engine's dynamic
 profile, so nothing is allocated while sampling. Row counts that match a static profile
 (`freedit build --static-batches`) run from a CUDA graph captured on first use.
@@ -35,10 +35,12 @@ def _check(result):
 class _Engine:
     """One plan: its context, device memory, preallocated I/O buffers and captured graphs."""
 
-    def __init__(self, trt, runtime, plan: Path, stream):
+    def __init__(self, trt, runtime, plan: Path):
         from cuda.bindings import runtime as rt
 
-        self.trt, self.stream = trt, stream
+        # Its own stream: the drafter's and the verifier's calls, made from different host threads
+        # (runtime/overlap.py), run concurrently on the GPU.
+        self.trt, self.stream = trt, _check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"{trt.describe()} could not deserialize {plan}")
@@ -145,9 +147,8 @@ class TensorRTBackend(Backend):
         self.trt = load_tensorrt(builder)
         unit = open_engines(Path(model_dir), self.trt, Path(engines_dir) if engines_dir else None, device_cc=cc)
         _check(rt.cudaSetDevice(device_id))
-        self.stream = _check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
         runtime = self.trt.module.Runtime(self.trt.module.Logger(self.trt.module.Logger.ERROR))
-        self._engines = {g: _Engine(self.trt, runtime, plan, self.stream) for g, plan in unit.plans.items()
+        self._engines = {g: _Engine(self.trt, runtime, plan) for g, plan in unit.plans.items()
                          if g in ("dit", "drafter")}
         self._info = {g: ModelInfo.from_json(m.data["onnx"]["config"]) for g, m in unit.manifests.items()
                       if g in self._engines and m.data["onnx"].get("config")}
