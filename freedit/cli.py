@@ -256,6 +256,37 @@ def _onnx_metadata(path: Path) -> tuple[object, dict[str, str]]:
     return model, {p.key: p.value for p in model.metadata_props}
 
 
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from freedit.benchmarks.bench_report import write
+    from freedit.benchmarks.harness import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        models=[m for m in args.models.split(",") if m], backends=[b for b in args.backends.split(",") if b],
+        samplers=[s for s in args.samplers.split(",") if s], windows=list(_int_list(args.windows, "--windows")),
+        relax=_float_list(args.relax, "--relax"), batch_sizes=list(_int_list(args.batch_sizes, "--batch-sizes")),
+        steps=list(_int_list(args.steps, "--steps")),
+        cfg_scales=[None if c.strip() == "default" else float(c) for c in args.cfg_scales.split(",") if c.strip()]
+        if args.cfg_scales else [None],
+        n=args.n, repeats=args.repeats, seed=args.seed, threads=args.threads, quality=not args.no_quality,
+        reference=args.reference, adaptive_max_window=args.adaptive_max_window, pilot_n=args.pilot_n)
+    cfg.validate()  # every input checked before the first run
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    command = "freedit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "freedit bench (API)"
+    report = run_bench(cfg, command=command, progress=not args.no_progress, log=_log)
+    for path in write(report, out, args.name):
+        print(f"wrote {path}")
+    return 0
+
+
 def _train_drafter(args: argparse.Namespace) -> int:
     from freedit.export.checkpoint import load_dit
     from freedit.export.train_drafter import DrafterTrainConfig, train_drafter
@@ -372,6 +403,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batches", default="1,3", help="batch sizes of the random inputs compared")
     c.add_argument("--json", default=None, help="also write the metrics and verdict as JSON here")
     c.set_defaults(func=_check)
+
+    k = sub.add_parser("bench", formatter_class=fmt, help="latency, speed-up, acceptance and quality of every sampler",
+                       description="Run sequential, frozen-target, FREE, FREE (relax) over a lambda sweep and the adaptive "
+                                   "window side by side, interleaved in one process, and write JSON, Markdown and plots.")
+    k.add_argument("--models", default="bundled", help="comma list: 'bundled', model directories, or random:CONFIG:SIZE "
+                   "(e.g. random:DiT-S/2:256, random weights, for cost curves)")
+    k.add_argument("--backends", default="onnxruntime", help="comma list of backends (see `generate --backend`)")
+    k.add_argument("--samplers", default="sequential,frozen,free,free-relax,adaptive", help="comma list")
+    k.add_argument("--windows", default="8", help="window lengths L for frozen/free/free-relax")
+    k.add_argument("--relax", default="0.5,2,8", help="lambda sweep of free-relax")
+    k.add_argument("--batch-sizes", default="64", help="samples in flight")
+    k.add_argument("--steps", default="250", help="step counts")
+    k.add_argument("--cfg-scales", default="default", help="CFG scales ('default' = the model's)")
+    k.add_argument("--n", type=int, default=256, help="images per configuration and repeat")
+    k.add_argument("--repeats", type=int, default=1, help="repeats (medians and p90 over them)")
+    k.add_argument("--seed", type=int, default=0, help="seed of every measured run")
+    k.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime / torch")
+    k.add_argument("--reference", default=None, help=".npz of uint8 images [N,H,W,3]: FID/IS for ImageNet models")
+    k.add_argument("--no-quality", action="store_true", help="skip FD/accuracy/FID")
+    k.add_argument("--adaptive-max-window", type=int, default=8, help="largest L the adaptive window may choose")
+    k.add_argument("--pilot-n", type=int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
+    k.add_argument("--out", default="bench_results", help="output folder")
+    k.add_argument("--name", default="bench", help="file stem of the outputs")
+    k.add_argument("--no-progress", action="store_true", help="no progress bars")
+    k.set_defaults(func=_bench)
 
     t = sub.add_parser("train-dit", formatter_class=fmt, help="train the bundled digits DiT (needs the torch extra)",
                        description="Train the class-conditional digits DiT on scikit-learn's digits (resumable).")

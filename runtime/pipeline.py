@@ -128,13 +128,15 @@ class Pipeline:
 
     def generate(self, class_labels: Sequence[int], sampler: str | None = None, steps=None,
                  cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None, window: int | None = None,
-                 relax: float | None = None, progress: bool = False, micro_batches: int = 1) -> GenerationResult:
+                 relax: float | None = None, progress: bool = False, micro_batches: int = 1,
+                 window_schedule=None) -> GenerationResult:
         """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
 
         ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
         accept test, ``relax`` = lambda), "frozen" (training-free drafter), "sequential" (DDPM), "ddim".
         ``window`` is FREE's draft length L. ``micro_batches`` > 1 (speculative samplers) keeps that
         many batches of ``batch_size`` in flight, one drafting while another verifies.
+        ``window_schedule``: L per respaced step (e.g. runtime/adaptive.py's choice) instead of one L.
         """
         sampler = self.defaults["sampler"] if sampler is None else sampler
         steps = self.defaults["steps"] if steps is None else steps
@@ -158,7 +160,8 @@ class Pipeline:
             else:
                 drafter_model = GuidedModel(self.backend, schedule, cfg_scale, engine="drafter")
                 drafter = FeatureDrafter(drafter_model)
-            impl = SpeculativeSampler(target, drafter, seed, window=window, relax=relax)
+            impl = SpeculativeSampler(target, drafter, seed, window=window, relax=relax,
+                                      window_schedule=window_schedule)
         else:
             impl = SequentialSampler(target, seed, ddim=sampler == "ddim")
         shape = (self.info.in_channels, self.info.input_size, self.info.input_size)
@@ -186,12 +189,14 @@ class Pipeline:
         settings = {"sampler": sampler, "steps": spacing, "num_steps": n, "cfg_scale": cfg_scale, "seed": seed,
                     "batch_size": batch_size, "backend": self.backend.name, "model": self.source}
         if sampler in SPECULATIVE:
-            settings.update(window=window, relax=relax, micro_batches=int(micro_batches))
+            settings.update(window=window if window_schedule is None else "schedule", relax=relax,
+                            micro_batches=int(micro_batches))
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),
                    "mean_target_calls": float(calls.mean()), "batched_target_calls": target.calls,
                    "nfe_speedup": float(n / calls.mean()),
-                   "drafter_calls": drafter_model.calls if drafter_model else 0}
+                   "drafter_calls": drafter_model.calls if drafter_model else 0,
+                   "target_seconds": target.seconds, "drafter_seconds": drafter_model.seconds if drafter_model else 0.0}
         if sampler in SPECULATIVE:
             summary.update(speculative_summary(stats))
         if timeline is not None:

@@ -90,9 +90,16 @@ class FrozenDrafter:
 
 
 class SpeculativeSampler:
-    def __init__(self, target: GuidedModel, drafter, seed: int, window: int = 6, relax: float = 0.0):
+    def __init__(self, target: GuidedModel, drafter, seed: int, window: int = 6, relax: float = 0.0,
+                 window_schedule: np.ndarray | None = None):
         if not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"window length L must be an integer >= 1, got {window!r}")
+        if window_schedule is not None:  # L per respaced step (adaptive window); 0 = a plain step
+            window_schedule = np.asarray(window_schedule)
+            if (window_schedule.ndim != 1 or len(window_schedule) != target.schedule.num_steps
+                    or window_schedule.dtype.kind not in "iu" or window_schedule.min() < 0):
+                raise ValueError(f"a window schedule needs one integer L >= 0 per step ({target.schedule.num_steps})")
+        self.window_schedule = window_schedule
         if not np.isfinite(relax) or relax < 0:
             raise ValueError(f"relax lambda must be >= 0, got {relax}")
         self.target, self.drafter, self.seed = target, drafter, seed
@@ -107,6 +114,11 @@ class SpeculativeSampler:
     def _uniform(self, ids, steps, purpose):
         return noise.uniform(self.seed, ids, steps, purpose, 1)[:, 0]
 
+    def _window_at(self, step: int) -> int:
+        # Any L chosen from the current step alone keeps the sampler exact: each committed
+        # transition is distributed as the DiT's whatever was drafted.
+        return self.window if self.window_schedule is None else int(self.window_schedule[step])
+
     def advance(self, states: list[SampleState]) -> None:
         """One round for every state: draft, verify (one target call), decide and commit."""
         self.decide(states, self.verify(self.draft(states)))
@@ -117,7 +129,7 @@ class SpeculativeSampler:
         ids = np.array([s.index for s in states])
         labels = np.array([s.label for s in states])
         start = np.array([s.step for s in states])
-        windows = np.array([0 if s.stats.get("carry") is None else min(self.window, s.step) for s in states])
+        windows = np.array([0 if s.stats.get("carry") is None else min(self._window_at(s.step), s.step) for s in states])
         shape = states[0].x.shape
         # 1. Draft. drafts[k] holds x~_k for all samples (only rows with windows >= k are meaningful).
         x_tilde = [np.stack([s.x for s in states])]

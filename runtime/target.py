@@ -6,6 +6,8 @@ conditional row. Features are returned for all rows ([cond; null]) since the dra
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from freedit.runtime.backends.base import Backend
@@ -19,6 +21,7 @@ class GuidedModel:
         self.info = backend.info(engine)
         self.calls = 0  # batched calls made so far
         self.rows = 0  # states evaluated so far (each is 2 rows with CFG)
+        self.seconds = 0.0  # wall time inside the backend (the drafter vs verifier split)
 
     @property
     def guided(self) -> bool:
@@ -36,7 +39,9 @@ class GuidedModel:
         inputs = {"x": x, "t": t, "y": y}
         if feat is not None:
             inputs["feat"] = np.ascontiguousarray(feat, dtype=np.float32)
+        t0 = time.perf_counter()
         out = self.backend.run(self.engine, inputs)
+        self.seconds += time.perf_counter() - t0
         self.calls += 1
         self.rows += len(steps)
         eps_v = out["eps_v"]

@@ -1,0 +1,110 @@
+"""Adaptive window: choose FREE's L per step from what the engine costs and how often drafts pass.
+
+A round that starts at step s with window L commits 1 + (accepted prefix) transitions; with
+per-step acceptance a(t) (probability that the draft of the transition at step t passes, given
+the earlier ones did) its expectation is
+
+    E(s, L) = 1 + sum_{k=1..L} prod_{j=1..k} a(s - j + 1)
+
+and it costs L drafter calls plus one verification of L+1 states: T(L) = L t_draft + T_verify(L+1).
+The policy picks, for every start step, the L in 0..min(L_max, s) that maximises E / T, the
+expected steps per second of that round. Any L chosen from the step alone keeps FREE exact.
+T_verify(n) is measured on the engine (the cost curve); a(t) comes from a pilot run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class CostCurve:
+    batch: int  # samples per call
+    verify_seconds: list[float]  # [n-1] -> one target call on batch * n states, n = 1..len
+    draft_seconds: float  # one drafter call on batch states (0 without a drafter engine)
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "verify_seconds": self.verify_seconds, "draft_seconds": self.draft_seconds,
+                "relative_verify_cost": [t / self.verify_seconds[0] for t in self.verify_seconds]}
+
+
+def measure_cost_curve(backend, info, batch: int, max_states: int, guided: bool, repeats: int = 5,
+                       seed: int = 0) -> CostCurve:
+    """Median wall time of the target call for 1..max_states states per sample (and of one drafter
+    call), on random inputs of the engine's shapes, after one warm-up call per shape."""
+    rng = np.random.default_rng(seed)
+    rows_per_state = 2 if guided else 1
+
+    def inputs(rows: int, feat: bool) -> dict[str, np.ndarray]:
+        x = {"x": rng.normal(size=(rows, info.in_channels, info.input_size, info.input_size)).astype(np.float32),
+             "t": rng.integers(0, 1000, rows).astype(np.float32),
+             "y": rng.integers(0, info.num_classes, rows).astype(np.int64)}
+        if feat:
+            x["feat"] = rng.normal(size=(rows, info.num_tokens, info.hidden_size)).astype(np.float32)
+        return x
+
+    def timed(engine: str, rows: int) -> float:
+        feed = inputs(rows, engine == "drafter")
+        backend.run(engine, feed)  # warm-up: first call of a shape may compile or allocate
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            backend.run(engine, feed)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    verify = [timed("dit", batch * n * rows_per_state) for n in range(1, max_states + 1)]
+    draft = timed("drafter", batch * rows_per_state) if "drafter" in backend.engines() else 0.0
+    return CostCurve(batch, verify, draft)
+
+
+def acceptance_profile(acceptance_by_step: dict, num_steps: int, smooth: int = 5, prior: float = 0.5) -> np.ndarray:
+    """Per-step acceptance a(t) for t = 0..num_steps-1 from a pilot run's ``acceptance_by_step``:
+    a moving average over ``smooth`` steps; steps never decided take the nearest decided value
+    (``prior`` if none was)."""
+    known = {int(k): float(v) for k, v in acceptance_by_step.items() if 0 <= int(k) < num_steps}
+    if not known:
+        return np.full(num_steps, prior)
+    steps = np.array(sorted(known))
+    values = np.array([known[s] for s in steps])
+    filled = values[np.abs(np.arange(num_steps)[:, None] - steps[None, :]).argmin(axis=1)]
+    if smooth > 1:
+        kernel = np.ones(smooth) / smooth
+        padded = np.pad(filled, (smooth // 2, smooth - 1 - smooth // 2), mode="edge")
+        filled = np.convolve(padded, kernel, mode="valid")
+    return np.clip(filled, 0.0, 1.0)
+
+
+def expected_commits(acc: np.ndarray, start: int, window: int) -> float:
+    """E(s, L): one committed transition plus the expected accepted prefix."""
+    total, survive = 1.0, 1.0
+    for k in range(1, window + 1):
+        survive *= acc[start - k + 1]
+        total += survive
+    return total
+
+
+def choose_windows(acc: np.ndarray, cost: CostCurve, max_window: int) -> tuple[np.ndarray, np.ndarray]:
+    """L per start step maximising expected steps per second, and that rate per step."""
+    if max_window < 0 or max_window + 1 > len(cost.verify_seconds):
+        raise ValueError(f"the cost curve covers {len(cost.verify_seconds)} states per sample; "
+                         f"a window of {max_window} needs {max_window + 1}")
+    n = len(acc)
+    windows, rates = np.zeros(n, dtype=np.int64), np.zeros(n)
+    for s in range(n):
+        best, best_rate = 0, -1.0
+        for L in range(0, min(max_window, s) + 1):
+            rate = expected_commits(acc, s, L) / (L * cost.draft_seconds + cost.verify_seconds[L])
+            if rate > best_rate + 1e-12:
+                best, best_rate = L, rate
+        windows[s], rates[s] = best, best_rate
+    return windows, rates
+
+
+def fixed_window_rate(acc: np.ndarray, cost: CostCurve, window: int) -> float:
+    """Mean expected steps per second over start steps for a fixed L (capped at the step), for comparison."""
+    return float(np.mean([expected_commits(acc, s, min(window, s))
+                          / (min(window, s) * cost.draft_seconds + cost.verify_seconds[min(window, s)])
+                          for s in range(len(acc))]))
