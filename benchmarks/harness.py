@@ -319,6 +319,10 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                         if cfg.quality:
                             run.update(_quality(pipe, result.samples, result.labels, reference))
                     runs[label(v)].append(run)
+                    log(f"repeat {rep} {label(v)}: {run['seconds_per_image']:.4f} s/image, "
+                        f"{run['serial_target_calls']:.1f} serial target calls, acceptance {run.get('acceptance', '-')}, "
+                        f"peak RSS {run['peak_rss_mb']:.0f} MB" + "".join(f", {k} {run[k]:.4g}" for k in
+                                                                        ("class_accuracy", "fd_digits") if k in run))
                     if bar:
                         bar.update(1)
             if bar:
