@@ -1,20 +1,141 @@
 // C ABI of the freedit CUDA kernels library, loaded from Python without torch (ctypes).
-// Every entry point returns a cudaError_t as int (0 = success) and runs on the given stream.
+//
+// Every kernel entry point returns a cudaError_t as int (0 = success; a launch or argument error
+// otherwise, text from freedit_error_string) and is enqueued on the given stream (a cudaStream_t
+// passed as void*; NULL = the legacy default stream). Nothing is synchronised or allocated.
+//
+// Layout: every tensor is a dense row-major array whose first axis is the row (one sample at one
+// window position); "per_row" is the number of elements after it (C*H*W). Decisions that need
+// float64 in the numpy oracle (runtime/coupling.py) take and produce double.
+// The semantics of each entry point, and its numpy oracle, are in docs/KERNELS.md.
 #pragma once
 
-#define FREEDIT_KERNELS_ABI_VERSION 1
+// 1: freedit_transition_f32 only. 2: dtype codes, all sampling kernels, helpers.
+#define FREEDIT_KERNELS_ABI_VERSION 2
+
+// Element types of model outputs (eps_v).
+#define FREEDIT_DTYPE_F32 0
+#define FREEDIT_DTYPE_F16 1
+#define FREEDIT_DTYPE_BF16 2
+
+// Variance of a transition: fixed "small" (clipped posterior), learned (v interpolates log beta_tilde
+// .. log beta, eps_v has 2C channels), fixed "large" (DiT's: posterior variance at step 0, beta after).
+#define FREEDIT_VARIANCE_FIXED_SMALL 0
+#define FREEDIT_VARIANCE_LEARNED 1
+#define FREEDIT_VARIANCE_FIXED_LARGE 2
+
+// CFG modes (runtime/ops.py::guided_channels): guide min(3, C) channels (DiT's reference) or all C.
+#define FREEDIT_CFG_REFERENCE 0
+#define FREEDIT_CFG_ALL 1
+
+#if defined(__GNUC__)
+#define FREEDIT_API __attribute__((visibility("default")))
+#else
+#define FREEDIT_API
+#endif
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-int freedit_kernels_abi_version(void);
+// ---- helpers (no device needed) --------------------------------------------------------------
+FREEDIT_API int freedit_kernels_abi_version(void);
+// cudaGetErrorString / cudaGetErrorName of a code returned by any entry point.
+FREEDIT_API const char* freedit_error_string(int code);
+FREEDIT_API const char* freedit_error_name(int code);
+// cudaGetDeviceCount: returns its error code (35 = no driver on a machine without a GPU).
+FREEDIT_API int freedit_device_count(int* count);
+// cudaPointerGetAttributes(ptr).type (0 unregistered host, 1 host, 2 device, 3 managed): lets the
+// binding refuse host pointers before a kernel reads them. Returns the cudaError_t of the query.
+FREEDIT_API int freedit_pointer_memory_type(const void* ptr, int* memory_type);
 
-// mean, log_var [batch, channels * pixels] from x [batch, channels * pixels] and the model output
-// eps_v [batch, (learn_sigma ? 2 : 1) * channels * pixels] at per-row respaced steps [batch];
-// table is Schedule.transition_table() as float32 [num_steps, 6].
-int freedit_transition_f32(const float* x, const float* eps_v, const int* steps, const float* table, int batch,
-                           int channels, int pixels, int learn_sigma, float* mean, float* log_var, void* stream);
+// ---- model outputs -> transition ---------------------------------------------------------------
+// Why: every verify and draft step turns (eps, v) into the Gaussian p(x_{i-1} | x_i); fused here so
+// the model output (fp32/fp16/bf16) is read once. Oracle: ops.transition.
+// x [rows, channels*pixels] fp32; eps_v [rows, (variance == LEARNED ? 2 : 1) * channels*pixels] of
+// eps_dtype; steps [rows] respaced step indices; table = Schedule.transition_table() as fp32
+// [num_steps, 6]. A row whose step is outside [0, num_steps) gets NaN (never an out-of-range read).
+FREEDIT_API int freedit_transition(const float* x, const void* eps_v, int eps_dtype, const int* steps,
+                                   const float* table, int num_steps, int rows, int channels, int pixels, int variance,
+                                   float* mean, float* log_var, void* stream);
+
+// Why: with CFG the engine returns [cond rows; null rows]; combining on device avoids a host trip.
+// eps_v [2*rows, out_channels*pixels] (cond rows first, as runtime/target.py lays them out) of
+// eps_dtype -> out [rows, out_channels*pixels] fp32: out = u + scale*(c - u) on the first guided
+// channels (min(3, channels) or channels), the conditional row elsewhere. Oracle: ops.cfg_combine.
+FREEDIT_API int freedit_cfg_combine(const void* eps_v, int eps_dtype, int rows, int channels, int out_channels,
+                                    int pixels, float scale, int mode, float* out, void* stream);
+
+// ---- keyed noise -------------------------------------------------------------------------------
+// Why: noise keyed by (seed, sample, step, purpose) makes device and CPU samplers draw the same
+// numbers whatever the batch. Philox4x32-10, counter (block, sample[r], step[r], purpose[r]),
+// key (seed & 0xffffffff, seed >> 32). out [rows, count]. Oracle: runtime/noise.py.
+// Raw 32-bit words (noise._blocks), bit-identical.
+FREEDIT_API int freedit_philox_bits(unsigned long long seed, const unsigned* sample, const unsigned* step,
+                                    const unsigned* purpose, int rows, int count, unsigned* out, void* stream);
+// Uniforms (bits + 0.5) * 2^-32 in double, bit-identical to noise.uniform.
+FREEDIT_API int freedit_philox_uniform(unsigned long long seed, const unsigned* sample, const unsigned* step,
+                                       const unsigned* purpose, int rows, int count, double* out, void* stream);
+// Standard normals, Box-Muller on pairs in double, rounded to fp32 (noise.normal).
+FREEDIT_API int freedit_philox_normal(unsigned long long seed, const unsigned* sample, const unsigned* step,
+                                      const unsigned* purpose, int rows, int count, float* out, void* stream);
+
+// ---- sampling ----------------------------------------------------------------------------------
+// Why: the draft samples and the bonus step commit x = mean + exp(lv/2) z; no noise at step 0.
+// All arrays [rows, per_row] fp32, steps [rows]; out may alias mean. Oracle: ops.ddpm_step.
+FREEDIT_API int freedit_ddpm_step(const float* mean, const float* log_var, const int* steps, const float* noise,
+                                  int rows, int per_row, float* out, void* stream);
+
+// Why: the accept statistic of every window position, one block per row, summed in double in a
+// fixed order. out[r] = log q(x_r) - log p(x_r) (diagonal Gaussians). Oracle: coupling.log_ratio.
+FREEDIT_API int freedit_log_ratio(const float* x, const float* mean_p, const float* log_var_p, const float* mean_q,
+                                  const float* log_var_q, int rows, int per_row, double* out, void* stream);
+
+// Why: the per-sample first rejection of a ragged window in one launch. Rows are sample-major:
+// sample s owns rows [offset_s, offset_s + windows[s]), offset_s = sum of earlier windows, and the
+// windows must add up to rows. Position k is accepted iff log(uniform) < min(0, gamma * log_r)
+// (gamma NULL = 1; NaN rejects). accepted[s] = positions accepted before the first rejection;
+// reject_row[s] (may be NULL) = the row of that rejection, -1 when the whole window passed.
+// A negative window, or windows that do not add up to rows, give -1 in accepted for every sample.
+// Oracle: coupling.accept applied position by position as speculative.py does.
+FREEDIT_API int freedit_accept_window(const double* log_r, const double* uniform, const double* gamma, int rows,
+                                      const int* windows, int samples, int* accepted, int* reject_row, void* stream);
+
+// Why: the one-shot exact residual for equal covariances (fixed-variance models).
+// Output row i reads input row index[i] (index NULL: i; index[i] < 0: row i untouched; index[i] >=
+// in_rows: NaN): x' = mu_q + sigma (z - 2 (e.z) e), z = (x - mu_p)/sigma, e = unit (mu_p - mu_q)/sigma;
+// the two row reductions in double (e = 0 when mu_p = mu_q). Inputs [in_rows, per_row], out [out_rows, per_row].
+// Oracle: coupling.reflect.
+FREEDIT_API int freedit_reflect(const float* x, const float* mean_p, const float* mean_q, const float* log_var,
+                                int in_rows, int per_row, const int* index, int out_rows, float* out, void* stream);
+
+// Why: the exact residual (q - p)^+ for unequal covariances (learned sigma), by rejection, without
+// a host round trip per attempt. Output row i (input row index[i], as for reflect; index[i] < 0:
+// out row untouched, proposals 0, cap_hit 0) proposes, for attempt a = 0, 1, ...:
+//   y = mu_q + exp(lv_q/2) z, z = philox_normal(seed, sample[i], step[i], purpose_z + (a << attempt_shift))
+//   keep iff log r(y) > 0 and u < -expm1(-log r(y)), u = philox_uniform(..., purpose_u + (a << shift))[0]
+// and keeps the first success in attempt order (attempts are evaluated in parallel, the result is
+// the same as one at a time). After max_attempts failures it keeps attempt max_attempts - 1 and sets
+// cap_hit. out [out_rows, per_row]; proposals [out_rows] = accepted attempt + 1 (max_attempts at the
+// cap). Oracle: coupling.sample_residual with speculative.py's residual_draw.
+FREEDIT_API int freedit_residual(const float* mean_p, const float* log_var_p, const float* mean_q,
+                                 const float* log_var_q, int in_rows, int per_row, const int* index, int out_rows,
+                                 unsigned long long seed, const unsigned* sample, const unsigned* step,
+                                 unsigned purpose_z, unsigned purpose_u, int attempt_shift, int max_attempts,
+                                 float* out, int* proposals, int* cap_hit, void* stream);
+
+// ---- host references (CPU, host pointers, synchronous) ----------------------------------------
+// Why: the Philox/Box-Muller and residual code above, compiled for the CPU from the same source,
+// so a machine without a GPU checks the counter layout, the keys and the attempt order against
+// the numpy oracle. kind: 0 raw bits (unsigned), 1 uniforms (double), 2 normals (float).
+FREEDIT_API int freedit_philox_host(unsigned long long seed, const unsigned* sample, const unsigned* step,
+                                    const unsigned* purpose, int rows, int count, int kind, void* out);
+// freedit_residual's contract, one attempt at a time.
+FREEDIT_API int freedit_residual_host(const float* mean_p, const float* log_var_p, const float* mean_q,
+                                      const float* log_var_q, int in_rows, int per_row, const int* index, int out_rows,
+                                      unsigned long long seed, const unsigned* sample, const unsigned* step,
+                                      unsigned purpose_z, unsigned purpose_u, int attempt_shift, int max_attempts,
+                                      float* out, int* proposals, int* cap_hit);
 
 #ifdef __cplusplus
 }
