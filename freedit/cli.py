@@ -311,6 +311,59 @@ def _train_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import socket
+    import threading
+
+    from freedit.errors import FreeditError
+
+    try:
+        import pydantic
+        from ray import serve
+
+        from freedit.runtime import serving
+    except ImportError as exc:
+        raise FreeditError(f"`freedit serve` needs Ray Serve ({exc.name} is missing): "
+                           f"pip install 'freedit[serving]'") from None
+    flags = {"num_replicas": "--replicas", "batch_wait_timeout_s": "--batch-wait-ms",
+             "graceful_shutdown_timeout_s": "--graceful-timeout"}
+    model = _model_dir(args.model) if args.model else None
+    if model is not None and not (model / "dit.onnx").is_file():
+        raise UsageError(f"{model} has no dit.onnx; export one with `freedit export --out {model}`")
+    try:
+        config = serving.ServeConfig(
+            model=str(model) if model else None, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
+            num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+            max_images=args.max_images, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_ms / 1000, max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests, graceful_shutdown_timeout_s=args.graceful_timeout)
+    except pydantic.ValidationError as exc:
+        raise UsageError("; ".join(f"{flags.get(e['loc'][0], '--' + e['loc'][0].replace('_', '-'))}: {e['msg']}"
+                                   for e in exc.errors())) from None
+    if args.address is None:  # our own Ray: the port must be free here (on a cluster, every node's proxy binds it)
+        with socket.socket() as probe:
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    serving.start(config, host=args.host, port=args.port, name=args.name, route_prefix=args.route_prefix,
+                  request_timeout_s=args.request_timeout, address=args.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"serving {args.name} at http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}/ "
+          f"({args.replicas} replica(s); API at /docs); Ctrl-C drains and stops", flush=True)
+    while not stop.wait(1.0):
+        pass
+    _log(f"draining {args.name}: new requests get 503, in-flight ones finish (up to {args.graceful_timeout:g} s) ...")
+    serving.stop(args.name, timeout_s=args.graceful_timeout)
+    if args.address is None:  # a cluster's Serve may hold other applications: leave it running there
+        serve.shutdown()
+    print(f"stopped {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -456,6 +509,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed")
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     d.set_defaults(func=_train_drafter)
+
+    v = sub.add_parser("serve", formatter_class=fmt, help="serve generation over HTTP with Ray Serve (serving extra)",
+                       description="Run freedit as a Ray Serve application: POST /generate, GET /health, GET /stats, "
+                                   "OpenAPI at /docs. Requests arriving together are batched; Ctrl-C or SIGTERM drains "
+                                   "(503 to new work, in-flight work finishes) and stops. See docs/SERVING.md.")
+    v.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (0.0.0.0 for every interface)")
+    v.add_argument("--port", type=int, default=8000, help="HTTP port")
+    v.add_argument("--address", default=None, help="Ray cluster to join ('auto' = the one `ray start` made on this "
+                   "node, or ray://HOST:10001); default: start a private Ray on this machine")
+    v.add_argument("--name", default="freedit", help="Serve application name")
+    v.add_argument("--route-prefix", default="/", help="URL prefix of the application")
+    v.add_argument("--replicas", type=int, default=1, help="replicas, each with its own Pipeline")
+    v.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs Ray reserves per replica (1 = one GPU each)")
+    v.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    v.add_argument("--model", default=None, help="model directory with dit.onnx (default: the bundled digits DiT)")
+    v.add_argument("--backend", default="onnxruntime", help="backend of every replica (see `generate --backend`)")
+    v.add_argument("--threads", type=int, default=None, help="CPU threads per replica (ONNX Runtime / torch)")
+    v.add_argument("--batch-size", type=int, default=None, help="samples in flight per DiT call (default: the model's)")
+    v.add_argument("--max-images", type=int, default=64, help="most class labels (images) one request may ask for")
+    v.add_argument("--max-steps", type=int, default=250, help="most sampling steps one request may ask for")
+    v.add_argument("--max-batch-size", type=int, default=16, help="most requests merged into one batch")
+    v.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests")
+    v.add_argument("--max-ongoing-requests", type=int, default=32, help="requests a replica holds (batch queue included)")
+    v.add_argument("--max-queued-requests", type=int, default=64, help="requests waiting for a replica before 503 "
+                   "(-1 = unbounded)")
+    v.add_argument("--request-timeout", type=float, default=300.0, help="seconds before the proxy answers 408")
+    v.add_argument("--graceful-timeout", type=float, default=120.0, help="seconds a stopping replica may take to "
+                   "finish its in-flight requests")
+    v.set_defaults(func=_serve)
     return parser
 
 

@@ -199,6 +199,9 @@ class Pipeline:
                    "target_seconds": target.seconds, "drafter_seconds": drafter_model.seconds if drafter_model else 0.0}
         if sampler in SPECULATIVE:
             summary.update(speculative_summary(stats))
+        device_bytes = self.backend.device_memory_bytes()
+        if device_bytes is not None:
+            summary["peak_device_mb"] = device_bytes / 2**20
         if timeline is not None:
             summary.update(draft_busy_s=timeline.busy("draft"), verify_busy_s=timeline.busy("verify"),
                            draft_verify_overlap_s=timeline.overlap())

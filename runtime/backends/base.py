@@ -26,3 +26,7 @@ class Backend(ABC):
     @abstractmethod
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one engine call; inputs and outputs are named per the ONNX contract."""
+
+    def device_memory_bytes(self) -> int | None:
+        """Peak GPU memory this backend has held, where it can tell (None on the CPU)."""
+        return None

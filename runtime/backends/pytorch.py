@@ -63,6 +63,11 @@ class TorchBackend(Backend):
     def info(self, engine: str) -> ModelInfo:
         return self._info
 
+    def device_memory_bytes(self) -> int | None:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 

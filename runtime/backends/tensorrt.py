@@ -165,6 +165,7 @@ class TensorRTBackend(Backend):
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._engines[engine].run(inputs)
 
-    def device_bytes(self) -> int:
-        """Device memory held by this backend: TensorRT scratch + every preallocated I/O buffer."""
+    def device_memory_bytes(self) -> int:
+        """Device memory held by this backend: TensorRT scratch + every preallocated I/O buffer
+        (all allocated at load time; nothing is allocated while sampling)."""
         return sum(e.device_bytes() for e in self._engines.values())

@@ -1,0 +1,402 @@
+"""freedit as a Ray Serve application: POST /generate, GET /health, GET /stats, OpenAPI at /docs.
+
+Each replica owns one Pipeline. Requests that reach a replica together are collected by
+``@serve.batch`` and merged into as few ``Pipeline.generate`` calls as exactness allows. Noise is
+keyed by (seed, sample index, step, purpose), so a sample depends only on its seed, its index and
+its label, never on its neighbours. Hence:
+
+- a request with a seed keeps indices 0..n-1 and may share a call with requests of the same seed
+  and settings whose labels agree on the indices they share (identical requests, prefixes);
+- a request without a seed has no index to keep: it is packed behind the others of a call with the
+  same settings, at indices k..k+n-1 of that call's seed. The response names the seed and the indices,
+  so ``Pipeline.generate(labels placed at those indices, seed=seed)`` reproduces it exactly.
+
+Run it with ``freedit serve`` (see docs/SERVING.md), or ``serve run freedit.runtime.serving:build_app``.
+"""
+# No `from __future__ import annotations`: FastAPI must see GenerateRequest itself, not a string, once
+# serve.ingress has rebound the methods.
+import asyncio
+import base64
+import io
+import json
+import math
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Optional
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException
+
+from freedit.runtime.pipeline import SAMPLERS, SPECULATIVE, speculative_summary
+from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
+
+import ray
+from ray import serve
+
+APP_NAME = "freedit"
+#: Hard ceilings of the request schema; the configured limits (ServeConfig) sit below them.
+MAX_LABELS_SCHEMA = 1024
+MAX_CLASS_LABEL = 1_000_000
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate. Omitted settings take the model's defaults (pipeline.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    class_labels: list[Annotated[StrictInt, Field(ge=0, le=MAX_CLASS_LABEL)]] = Field(
+        min_length=1, max_length=MAX_LABELS_SCHEMA, description="one image per label; at most max_images (server limit)")
+    sampler: Optional[Literal[SAMPLERS]] = Field(None, description="default: free when the model has a drafter")
+    steps: Optional[StrictInt] = Field(None, ge=1, le=NUM_TRAIN_TIMESTEPS,
+                                       description="at most max_steps (server limit)")
+    cfg_scale: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False, description="1 = no guidance")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63,
+                                      description="omit to let the server pick one (and batch freely)")
+    window: Optional[StrictInt] = Field(None, ge=1, le=64, description="FREE's draft window L")
+    relax: Optional[float] = Field(None, ge=0, le=1e6, allow_inf_nan=False, description="free-relax lambda")
+    format: Literal["base64", "multipart"] = Field("base64",
+                                                   description="PNGs as base64 in JSON, or multipart/mixed parts")
+
+
+class ServeConfig(BaseModel):
+    """Everything `freedit serve` and `serve run freedit.runtime.serving:build_app key=value` accept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = Field(None, description="model directory (default: the bundled digits DiT)")
+    backend: str = "onnxruntime"
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads per replica (ONNX Runtime / torch)")
+    batch_size: Optional[int] = Field(None, ge=1, description="samples in flight per DiT call (default: the model's)")
+    num_replicas: int = Field(1, ge=1)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    cpus_per_replica: float = Field(1.0, ge=0)
+    max_images: int = Field(64, ge=1, le=MAX_LABELS_SCHEMA, description="images per request")
+    max_steps: int = Field(250, ge=1, le=NUM_TRAIN_TIMESTEPS, description="sampling steps per request")
+    max_batch_size: int = Field(16, ge=1, description="requests merged by @serve.batch")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=10)
+    max_ongoing_requests: int = Field(32, ge=1, description="per replica, batch queue included")
+    max_queued_requests: int = Field(64, ge=-1, description="waiting per caller (proxy) before 503; -1 = unbounded")
+    graceful_shutdown_timeout_s: float = Field(120.0, ge=0, description="how long a stopping replica finishes its work")
+
+
+class ServeError(HTTPException):
+    """An HTTP error answered as {"error": message}."""
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+
+
+app = FastAPI(title="freedit", version="1", description="Class-conditional DiT sampling with FREE speculative sampling.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # One readable line ("class_labels.0: Input should be ..."), plus where and what, without echoing the input.
+    problems = [_problem(e) for e in exc.errors()]
+    line = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems[:5])
+    return _error(422, f"invalid request: {line}", problems=problems[:20])
+
+
+def _problem(e: dict) -> dict:
+    if e["type"] == "json_invalid":  # FastAPI's loc is (body, character offset)
+        return {"loc": ["body"], "msg": f"invalid JSON ({e.get('ctx', {}).get('error', e['msg'])})", "type": e["type"]}
+    return {"loc": [str(p) for p in e["loc"][1:]] or ["body"], "msg": e["msg"], "type": e["type"]}
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+@dataclass
+class _Job:
+    """One validated request waiting for its batch."""
+
+    labels: list[int]
+    seed: Optional[int]
+    settings: dict  # sampler, steps, cfg_scale, window, relax: resolved, so equal means "same call"
+
+    @property
+    def key(self) -> tuple:
+        return tuple(sorted(self.settings.items()))
+
+
+@dataclass
+class _Call:
+    """One Pipeline.generate call serving several jobs: job index -> first sample index."""
+
+    key: tuple
+    settings: dict
+    seed: int
+    labels: list[int]
+    members: dict[int, int] = field(default_factory=dict)
+
+    def admit(self, i: int, job: _Job) -> bool:
+        if job.key != self.key:
+            return False
+        if job.seed is None:  # any free indices will do: the ones after the last
+            self.members[i] = len(self.labels)
+            self.labels += job.labels
+            return True
+        if job.seed == self.seed and all(a == b for a, b in zip(self.labels, job.labels)):
+            self.members[i] = 0  # same indices as alone; only the tail is new
+            self.labels += job.labels[len(self.labels):]
+            return True
+        return False
+
+
+def plan_calls(jobs: list[_Job]) -> list[_Call]:
+    """Merge jobs into generate calls; each job gets exactly Pipeline.generate's images at its seed and indices."""
+    calls: list[_Call] = []
+    for i, job in enumerate(jobs):
+        if not any(call.admit(i, job) for call in calls):
+            seed = job.seed if job.seed is not None else secrets.randbelow(2**63)
+            calls.append(_Call(job.key, job.settings, seed, list(job.labels), {i: 0}))
+    return calls
+
+
+def _json(value: Any) -> Any:
+    """numpy scalars and tuples to JSON; NaN and infinities to null (JSON has none)."""
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multipart(meta: dict, pngs: list[bytes]) -> Response:
+    """multipart/mixed: the JSON metadata first, then one image/png part per image, in request order."""
+    boundary = f"freedit-{secrets.token_hex(12)}"
+    parts = [(b"Content-Type: application/json", json.dumps(meta, allow_nan=False).encode())]
+    parts += [(f"Content-Type: image/png\r\nContent-ID: <image-{i}>".encode(), png) for i, png in enumerate(pngs)]
+    body = b"".join(b"--%s\r\n%s\r\n\r\n%s\r\n" % (boundary.encode(), head, data) for head, data in parts)
+    return Response(body + b"--%s--\r\n" % boundary.encode(), media_type=f"multipart/mixed; boundary={boundary}")
+
+
+POLL_S = 0.2  # how often replicas read the drain switch and report their in-flight requests
+
+
+@ray.remote(num_cpus=0)
+class DrainSwitch:
+    """An application's drain switch. Replicas poll it and report what they hold, so stop() knows when to delete."""
+
+    def __init__(self):
+        self.draining, self.reports = False, {}
+
+    def set(self, draining: bool) -> None:
+        self.draining, self.reports = draining, {}
+
+    def poll(self, replica: str, in_flight: int) -> bool:
+        self.reports[replica] = (time.monotonic(), in_flight)
+        return self.draining
+
+    def in_flight(self) -> int:
+        """Requests held by the replicas that reported lately (a dead replica's last word does not count)."""
+        return sum(n for t, n in self.reports.values() if time.monotonic() - t < 5 * POLL_S)
+
+
+def _drain_switch(app_name: str):
+    # Named per application and detached: it must outlive whichever replica created it (a crashed one included).
+    return DrainSwitch.options(name=f"freedit-drain-{app_name}", namespace="freedit", get_if_exists=True,
+                               lifetime="detached").remote()
+
+
+@serve.deployment
+@serve.ingress(app)
+class FreeditServer:
+    def __init__(self, config: dict):
+        from freedit.runtime.pipeline import Pipeline, default_model_dir
+
+        self.config = ServeConfig(**config)
+        self.pipe = Pipeline.from_directory(self.config.model or default_model_dir(), backend=self.config.backend,
+                                            threads=self.config.threads)
+        self.generate_batch.set_max_batch_size(self.config.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        context = serve.get_replica_context()
+        self.app_name, self.deployment, self.replica = context.app_name, context.deployment, context.replica_id
+        self.switch, self.draining = _drain_switch(self.app_name), False
+        self.counts: Counter = Counter()  # requests: ok, rejected, failed, refused (draining)
+        self.batch_sizes: Counter = Counter()  # requests per @serve.batch batch
+        self.call_sizes: Counter = Counter()  # requests per Pipeline.generate call
+        self.in_flight = 0  # requests past the drain check and not yet answered
+        self.watcher = asyncio.get_running_loop().create_task(self._watch_switch())  # on the replica's event loop
+
+    async def _watch_switch(self) -> None:
+        while True:
+            try:
+                self.draining = await self.switch.poll.remote(self.replica.to_full_id_str(), self.in_flight)
+            except ray.exceptions.RayActorError:  # stop() removed it: keep the last answer, look it up again
+                self.switch = _drain_switch(self.app_name)
+            await asyncio.sleep(POLL_S)
+
+    def _resolve(self, req: GenerateRequest) -> _Job:
+        """Apply the model's defaults and the server's limits; check the rest with Pipeline.validate."""
+        d, cfg = self.pipe.defaults, self.config
+        if len(req.class_labels) > cfg.max_images:
+            raise ServeError(422, f"class_labels: at most {cfg.max_images} images per request, got {len(req.class_labels)}")
+        sampler = req.sampler or d["sampler"]
+        cfg_scale = float(d["cfg_scale"] if req.cfg_scale is None else req.cfg_scale)
+        settings = dict(sampler=sampler, steps=d["steps"] if req.steps is None else req.steps, cfg_scale=cfg_scale,
+                        window=int(d["window"] if req.window is None or sampler not in SPECULATIVE else req.window),
+                        relax=float(d["relax"] if req.relax is None else req.relax) if sampler == "free-relax" else 0.0)
+        try:
+            _, spacing = self.pipe.validate(req.class_labels, seed=req.seed or 0, batch_size=self._batch_size(), **settings)
+        except ValueError as exc:
+            raise ServeError(422, str(exc)) from None
+        steps = Schedule.create(spacing).num_steps  # the model's default may be a spacing such as 'ddim50'
+        if steps > cfg.max_steps:
+            raise ServeError(422, f"steps: at most {cfg.max_steps} on this server, got {steps}")
+        return _Job(list(req.class_labels), req.seed, settings)
+
+    def _batch_size(self) -> int:
+        return self.config.batch_size or int(self.pipe.defaults["batch_size"])
+
+    @app.post("/generate", responses={200: {"description": "PNG images with per-sample statistics"},
+                                      422: {"description": "invalid request"},
+                                      503: {"description": "overloaded or draining"}})
+    async def generate(self, req: GenerateRequest):
+        if self.draining:
+            self.counts["refused"] += 1
+            return _error(503, "server is draining: not accepting new work")
+        try:
+            job = self._resolve(req)
+        except ServeError:
+            self.counts["rejected"] += 1
+            raise
+        self.in_flight += 1
+        try:
+            outcome = await self.generate_batch(job)
+        finally:
+            self.in_flight -= 1
+        if isinstance(outcome, Exception):
+            self.counts["failed"] += 1
+            return _error(500, f"generation failed: {type(outcome).__name__}: {outcome}")
+        self.counts["ok"] += 1
+        meta, images = self._reply(job, *outcome)
+        pngs = [png_bytes(image) for image in images]
+        if req.format == "multipart":
+            return multipart(meta, pngs)
+        return JSONResponse({**meta, "images": [base64.b64encode(p).decode() for p in pngs]})
+
+    def _reply(self, job: _Job, result, offset: int, batch: dict) -> tuple[dict, np.ndarray]:
+        """This job's slice of a shared result, with statistics recomputed over its own samples."""
+        n = len(job.labels)
+        stats = result.stats[offset:offset + n]
+        calls = np.array([s["target_calls"] for s in stats])
+        summary = {"images": n, "mean_target_calls": float(calls.mean()),
+                   "nfe_speedup": float(result.settings["num_steps"] / calls.mean()), **batch,
+                   "call_images": len(result.stats), "call_seconds": result.seconds}
+        if result.settings["sampler"] in SPECULATIVE:
+            summary.update({k: v for k, v in speculative_summary(stats).items() if k != "acceptance_by_step"})
+        meta = {"seed": result.settings["seed"], "sample_indices": list(range(offset, offset + n)),
+                "class_labels": job.labels, "settings": result.settings, "summary": summary, "samples": stats}
+        return _json(meta), result.images[offset:offset + n]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced in __init__ from ServeConfig
+    async def generate_batch(self, jobs: list[_Job]) -> list:
+        calls = plan_calls(jobs)
+        self.batch_sizes[len(jobs)] += 1
+        outcomes: list = [None] * len(jobs)
+        for call in calls:
+            self.call_sizes[len(call.members)] += 1
+            try:  # in a worker thread, so the event loop keeps answering /health, /stats and refusals; one
+                # batch at a time (serve.batch's max_concurrent_batches=1), so the pipeline is never entered twice
+                result = await asyncio.to_thread(self.pipe.generate, call.labels, seed=call.seed,
+                                                 batch_size=self._batch_size(), **call.settings)
+            except Exception as exc:  # one failed call must not take the batch's other calls with it
+                for i in call.members:
+                    outcomes[i] = exc
+                continue
+            batch = {"batch_requests": len(jobs), "batch_calls": len(calls), "call_requests": len(call.members)}
+            for i, offset in call.members.items():
+                outcomes[i] = (result, offset, batch)
+        return outcomes
+
+    @app.get("/stats")
+    async def stats(self) -> dict:
+        """This replica's counters: how requests were batched and answered."""
+        return {"replica": self.replica.to_full_id_str(), "requests": dict(self.counts), "in_flight": self.in_flight,
+                "batches": sum(self.batch_sizes.values()), "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                "generate_calls": sum(self.call_sizes.values()), "call_sizes": dict(sorted(self.call_sizes.items()))}
+
+    @app.get("/health", responses={503: {"description": "draining"}})
+    async def health(self):
+        """Status of the deployment's replicas (from the Serve controller) and of the replica that answered."""
+        try:
+            status = await asyncio.to_thread(serve.status)
+            dep = status.applications[self.app_name].deployments[self.deployment]
+            deployment = {"status": str(dep.status.value), "replica_states": {str(getattr(k, "value", k)): v
+                                                                               for k, v in dep.replica_states.items()},
+                          "message": dep.message}
+        except Exception as exc:  # the controller is restarting: say so rather than fail the probe
+            deployment = {"status": "UNKNOWN", "message": f"{type(exc).__name__}: {exc}"}
+        draining = self.draining
+        body = {"status": "draining" if draining else "ok", "replica": self.replica.to_full_id_str(),
+                "deployment": deployment, "model": self.pipe.source, "backend": self.pipe.backend.name,
+                "num_classes": self.pipe.info.num_classes, "defaults": _json(self.pipe.defaults),
+                "limits": {"max_images": self.config.max_images, "max_steps": self.config.max_steps,
+                           "max_batch_size": self.config.max_batch_size,
+                           "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
+                           "max_ongoing_requests": self.config.max_ongoing_requests,
+                           "max_queued_requests": self.config.max_queued_requests}}
+        return JSONResponse(body, status_code=503 if draining else 200)
+
+
+def build_app(config: ServeConfig | dict | None = None) -> serve.Application:
+    """The application; also a Ray Serve builder: ``serve run freedit.runtime.serving:build_app num_replicas=2``."""
+    cfg = config if isinstance(config, ServeConfig) else ServeConfig(**(config or {}))
+    actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    return FreeditServer.options(
+        num_replicas=cfg.num_replicas, ray_actor_options=actor, max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests, graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+    ).bind(cfg.model_dump())
+
+
+def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+          route_prefix: str = "/", request_timeout_s: float | None = None, address: str | None = None,
+          ray_init: dict | None = None) -> None:
+    """Connect to (or start) Ray, start Serve's HTTP proxy on host:port and deploy; returns once replicas are up."""
+    if not ray.is_initialized():
+        ray.init(address=address, **(ray_init or {}))
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+    ray.get(_drain_switch(name).set.remote(False))  # a switch left on by an earlier run must not refuse this one
+    serve.run(build_app(config), name=name, route_prefix=route_prefix)
+
+
+def drain(name: str = APP_NAME) -> None:
+    """Replicas of ``name`` refuse new work (503, JSON) within POLL_S; what they hold runs to the end."""
+    ray.get(_drain_switch(name).set.remote(True))
+
+
+def stop(name: str = APP_NAME, timeout_s: float = 120.0) -> None:
+    """Drain; once the replicas hold nothing (or after timeout_s), delete the application and its switch.
+
+    While in-flight work finishes the routes stay up, so late arrivals get the explicit 503 rather than a 404.
+    """
+    switch = _drain_switch(name)
+    ray.get(switch.set.remote(True))
+    deadline = time.monotonic() + timeout_s
+    time.sleep(3 * POLL_S)  # every live replica has seen the switch and reported what it holds since
+    while ray.get(switch.in_flight.remote()) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    serve.delete(name)  # Ray's own graceful shutdown covers anything still left
+    ray.kill(switch)
