@@ -70,13 +70,15 @@ def plots(report: dict, out_prefix: str) -> list[str]:
     if relax:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         ax2 = ax.twinx()
-        for w in windows:
+        for i, w in enumerate(windows):
+            color = f"C{i}"  # one colour per window: speed-ups solid/dashed, quality dotted
             pts = sorted(((r.get("relax", 0.0), r) for r in relax if r["window"] == w), key=lambda p: p[0])
             xs = [p[0] for p in pts]
-            ax.plot(xs, [p[1]["nfe_speedup"] for p in pts], "o-", label=f"NFE speed-up, L={w}")
-            ax.plot(xs, [p[1]["wallclock_speedup"] for p in pts], "s--", label=f"wall-clock speed-up, L={w}")
+            ax.plot(xs, [p[1]["nfe_speedup"] for p in pts], "o-", color=color, label=f"NFE speed-up, L={w}")
+            ax.plot(xs, [p[1]["wallclock_speedup"] for p in pts], "s--", color=color,
+                    label=f"wall-clock speed-up, L={w}")
             if all("fd_digits" in p[1] for p in pts):
-                ax2.plot(xs, [p[1]["fd_digits"] for p in pts], "^:", color="gray", label=f"FD-digits, L={w}")
+                ax2.plot(xs, [p[1]["fd_digits"] for p in pts], "^:", color=color, alpha=0.6, label=f"FD-digits, L={w}")
         seq = next((r for r in g0["configs"] if r["sampler"] == "sequential"), None)
         if seq and "fd_digits" in seq:
             ax2.axhline(seq["fd_digits"], color="gray", lw=0.8, label="FD-digits, sequential")
