@@ -30,8 +30,9 @@ def check_precision(precision: str, opset: int) -> None:
     if precision not in DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
     if opset < MIN_OPSET[precision]:
-        raise ValueError(f"precision {precision} needs opset {MIN_OPSET[precision]} or later (got {opset})"
-                         + ("; bf16 Conv appears in ONNX at opset 22" if precision == "bf16" else ""))
+        why = ("bf16 Conv appears in ONNX at opset 22" if precision == "bf16"
+               else f"opset {opset} is not supported: the dynamo exporter produces an invalid model below 18")
+        raise ValueError(f"precision {precision} needs opset {MIN_OPSET[precision]} or later (got {opset}); {why}")
 
 
 class LowPrecision(nn.Module):
