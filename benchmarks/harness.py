@@ -259,7 +259,6 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
     cfg.validate()
     reference = load_reference(cfg.reference) if cfg.reference else None
     cache = cache or Path.home() / ".cache" / "freedit" / "bench"
-    labels_all = None
     report = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "git_revision": _git_revision(), "device": _device(), "config": asdict(cfg), "groups": []}
     variants = sampler_configs(cfg)
@@ -281,10 +280,7 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                 pilot = pipe.generate(labels_all[:cfg.pilot_n], sampler="free", window=cfg.adaptive_max_window,
                                       seed=cfg.seed + 10_000, **common)  # other seeds than the measured runs
                 acc = acceptance_profile(pilot.summary["acceptance_by_step"], Schedule.create(str(steps)).num_steps)
-                from freedit.runtime.target import GuidedModel
-
-                guided = GuidedModel(pipe.backend, Schedule.create(str(steps)), cfg_scale).guided
-                cost = measure_cost_curve(pipe.backend, pipe.info, batch, cfg.adaptive_max_window + 1, guided,
+                cost = measure_cost_curve(pipe.backend, pipe.info, batch, cfg.adaptive_max_window + 1, cfg_scale != 1.0,
                                           repeats=cfg.cost_repeats)
                 schedule, rates = choose_windows(acc, cost, cfg.adaptive_max_window)
                 group["adaptive"] = {

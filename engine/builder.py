@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from freedit.engine.manifest import FORMAT, Manifest, manifest_path, onnx_files, sha256_files
+from freedit.engine.manifest import FORMAT, Manifest, manifest_path, sha256_files
 from freedit.engine.profiles import BuildSettings, profiles_for
 from freedit.engine.tensorrt_api import TensorRT
 from freedit.errors import BuildError
+from freedit.runtime.contract import onnx_files
 
 #: TensorRT-RTX 1.x targets; it has no SM 9.0 (Hopper) target.
 RTX_DEFAULT_TARGETS = ("80", "86", "89", "120")

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 from freedit.engine.builder import BuiltPlan, build_plan, device_compute_capability
-from freedit.engine.manifest import Manifest, onnx_files, sha256_files, write_atomically
+from freedit.engine.manifest import Manifest, sha256_files, write_atomically
 from freedit.engine.profiles import BuildSettings
 from freedit.engine.tensorrt_api import TensorRT
 from freedit.errors import BuildError, StalePlanError
+from freedit.runtime.contract import onnx_files
 
 GRAPHS = ("dit", "drafter", "vae_decoder")
 INDEX = "engines.json"

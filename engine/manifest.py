@@ -27,15 +27,6 @@ def sha256_files(paths) -> str:
     return h.hexdigest()
 
 
-def onnx_files(onnx_path: Path) -> list[Path]:
-    """The .onnx and the external data files it refers to (sorted), as checksummed."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    data = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
-    return [onnx_path, *(onnx_path.parent / d for d in data)]
-
-
 def write_atomically(path: Path, text: str) -> None:
     """Temporary name, then rename; no temporary left behind if the write fails."""
     tmp = path.with_name(path.name + ".tmp")

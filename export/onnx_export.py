@@ -24,7 +24,7 @@ import torch
 from freedit.errors import ExportError
 from freedit.export.dit import DiT
 from freedit.export.precision import PARITY_TOLERANCE, check_precision, with_precision
-from freedit.runtime.contract import CONFIG_METADATA_KEY, CONTRACT_METADATA_KEY, PRECISION_METADATA_KEY
+from freedit.runtime.contract import CONFIG_METADATA_KEY, CONTRACT_METADATA_KEY, PRECISION_METADATA_KEY, onnx_files
 
 DEFAULT_OPSET = 18
 # The exporter warns about every torchvision op it skips; we use none of them.
@@ -167,21 +167,13 @@ def estimated_bytes(module: torch.nn.Module, precision: str) -> int:
 
 def _move_into_place(staging: Path, out_path: Path) -> None:
     """External data first, the .onnx last: the .onnx appearing is the commit point."""
-    stale = _external_data_files(out_path) if out_path.exists() else set()
+    stale = {p.name for p in onnx_files(out_path)[1:]} if out_path.exists() else set()
     staged = [f for f in staging.iterdir() if f.name != out_path.name]
     for f in staged:
         f.replace(out_path.parent / f.name)
     (staging / out_path.name).replace(out_path)
     for name in stale - {f.name for f in staged}:
         (out_path.parent / name).unlink(missing_ok=True)  # weights only the replaced export referred to
-
-
-def _external_data_files(onnx_path: Path) -> set[str]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
-            if entry.key == "location"}
 
 
 def export_graph(spec: GraphSpec, out_path: str | Path, opset: int = DEFAULT_OPSET, precision: str = "fp32",

@@ -194,6 +194,7 @@ def _check(args: argparse.Namespace) -> int:
     from freedit.export.checkpoint import load_dit
     from freedit.export.dit import DiTConfig
     from freedit.export.onnx_export import dit_spec, drafter_spec
+    from freedit.runtime.contract import onnx_metadata
     from freedit.runtime.pipeline import default_model_dir
 
     model_dir = _model_dir(args.model_dir)
@@ -203,7 +204,9 @@ def _check(args: argparse.Namespace) -> int:
     bundled = args.checkpoint == "bundled"
     checkpoint = default_model_dir() / "digits_dit.safetensors" if bundled else Path(args.checkpoint)
     drafter_path = args.drafter or (default_model_dir() / "drafter.safetensors" if bundled else None)
-    _, meta = _onnx_metadata(model_dir / "dit.onnx")
+    if not (model_dir / "dit.onnx").is_file():
+        raise UsageError(f"{model_dir / 'dit.onnx'} does not exist")
+    meta = onnx_metadata(model_dir / "dit.onnx")
     model = load_dit(checkpoint, DiTConfig.from_dict(json.loads(meta["freedit.config"])))
     specs = {"dit": dit_spec(model)}
     if (model_dir / "drafter.onnx").is_file():
@@ -220,7 +223,7 @@ def _check(args: argparse.Namespace) -> int:
     plans = engines_dir(model_dir, Path(args.engines) if args.engines else None)
     for graph, spec in specs.items():
         onnx_path = model_dir / f"{graph}.onnx"
-        precision = _onnx_metadata(onnx_path)[1].get("freedit.precision", "fp32")
+        precision = onnx_metadata(onnx_path).get("freedit.precision", "fp32")
         _log(f"{graph}: ONNX ({precision}) vs PyTorch on batches {list(batches)} ...")
         results.append(check_onnx(spec, onnx_path, precision, batches))
         why = tensorrt_unavailable(plans / f"{graph}.plan")
@@ -245,15 +248,6 @@ def _check(args: argparse.Namespace) -> int:
                                                "pairs": [r.to_dict() for r in results]}, indent=1))
     print(f"verdict: {'PASS' if verdict else 'FAIL'} ({len(ran)} comparisons ran, {len(results) - len(ran)} skipped)")
     return 0 if verdict else 1
-
-
-def _onnx_metadata(path: Path) -> tuple[object, dict[str, str]]:
-    import onnx
-
-    if not path.is_file():
-        raise UsageError(f"{path} does not exist")
-    model = onnx.load(str(path), load_external_data=False)
-    return model, {p.key: p.value for p in model.metadata_props}
 
 
 def _float_list(text: str, what: str) -> list[float]:

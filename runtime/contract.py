@@ -70,6 +70,25 @@ class ModelInfo:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
+def onnx_files(onnx_path) -> list:
+    """The .onnx file and the external data files it refers to (sorted): what moves and is checksummed
+    as one graph. Reads only the graph (needs the `onnx` package, as export and build do)."""
+    import onnx
+    from pathlib import Path
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    data = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    return [onnx_path, *(onnx_path.parent / d for d in data)]
+
+
+def onnx_metadata(onnx_path) -> dict[str, str]:
+    """The freedit metadata of a graph (config, contract, precision), without loading its weights."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
 def _describe(arg) -> TensorSpec:
     return TensorSpec(arg.name, arg.type, len(arg.shape))
 

@@ -17,7 +17,8 @@ pytest.importorskip("torch")
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="the test extra installs tensorrt-rtx-cu13")
 
 from freedit.engine.directory import build_directory, open_engines  # noqa: E402
-from freedit.engine.manifest import onnx_files, sha256_files  # noqa: E402
+from freedit.engine.manifest import sha256_files  # noqa: E402
+from freedit.runtime.contract import onnx_files  # noqa: E402
 from freedit.engine.profiles import BuildSettings  # noqa: E402
 from freedit.engine.tensorrt_api import load_tensorrt  # noqa: E402
 from freedit.errors import StalePlanError  # noqa: E402

@@ -19,7 +19,8 @@ from freedit.errors import BackendUnavailable
 from freedit.runtime.backends.base import Backend
 from freedit.runtime.contract import CONFIG_METADATA_KEY, ModelInfo
 
-_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BF16": None}
+# The contracts' I/O is fp32 / int64 in every precision (runtime/contract.py); these cover it.
+_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
 
 
 def _check(result):
@@ -61,12 +62,17 @@ class _Engine:
             lo, _, hi = self.engine.get_tensor_profile_shape(self.inputs[0], p)
             if lo[0] == hi[0]:
                 self.static[lo[0]] = p
-        self.dtypes = {n: _NP[self.engine.get_tensor_dtype(n).name] for n in self.names}
+        kinds = {n: self.engine.get_tensor_dtype(n).name for n in self.names}
+        unsupported = {n: k for n, k in kinds.items() if k not in _NP}
+        if unsupported:
+            raise RuntimeError(f"{plan}: I/O tensors of unsupported type {unsupported}; re-export with `freedit export`")
+        self.dtypes = {n: _NP[k] for n, k in kinds.items()}
         self.buffers, self.row_bytes = {}, {}
         for n in self.names:  # one buffer per tensor at the dynamic profile's largest shape
             shape = self._shape_at(n, self.max_rows)
             self.row_bytes[n] = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(self.dtypes[n]).itemsize
             self.buffers[n] = _check(rt.cudaMalloc(max(self.row_bytes[n] * self.max_rows, 1)))
+            self.context.set_tensor_address(n, self.buffers[n])  # fixed for the engine's lifetime
         self.graphs = {}  # rows -> instantiated CUDA graph
         self.graphs_warm = set()  # static row counts run once uncaptured (TensorRT initialises lazily)
         self.profile = 0
@@ -92,8 +98,6 @@ class _Engine:
             self.profile = profile
         for n in self.inputs:
             self.context.set_input_shape(n, host[n].shape)
-        for n in self.names:
-            self.context.set_tensor_address(n, self.buffers[n])
         if rows in self.static and rows in self.graphs:
             _check(rt.cudaGraphLaunch(self.graphs[rows], self.stream))
         elif rows in self.static and rows in self.graphs_warm:
