@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 #: The ABI this binding speaks (FREEDIT_KERNELS_ABI_VERSION in runtime/csrc/freedit_kernels.h).
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIB_NAME = "libfreedit_kernels.so"
 ENV_LIB = "FREEDIT_KERNELS_LIB"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -195,9 +195,43 @@ _HOST_SIGNATURES = {
     "freedit_philox_host": [_ULL, _P, _P, _P, _I, _I, _I, _P],
     "freedit_residual_host": [_P, _P, _P, _P, _I, _I, _P, _I, _ULL, _P, _P, _U, _U, _I, _I, _P, _P, _P],
 }
+_PP, _SZ, _PSZ = ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)
+_PI, _PF, _PLL = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_longlong)
+#: A host function in stream order (freedit_rt_launch_host_func).
+HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+#: The device runtime (runtime/device.py wraps it): memory, streams, events, graphs, counters.
+_RUNTIME_SIGNATURES = {
+    "freedit_rt_set_device": [_I],
+    "freedit_rt_get_device": [_PI],
+    "freedit_rt_compute_capability": [_I, _PI, _PI],
+    "freedit_rt_mem_get_info": [_PSZ, _PSZ],
+    "freedit_rt_malloc": [_PP, _SZ],
+    "freedit_rt_free": [_P],
+    "freedit_rt_host_alloc": [_PP, _SZ],
+    "freedit_rt_host_free": [_P],
+    "freedit_rt_memcpy_async": [_P, _P, _SZ, _I, _P],
+    "freedit_rt_memset_async": [_P, _I, _SZ, _P],
+    "freedit_rt_stream_create": [_PP],
+    "freedit_rt_stream_destroy": [_P],
+    "freedit_rt_stream_synchronize": [_P],
+    "freedit_rt_event_create": [_PP, _I],
+    "freedit_rt_event_destroy": [_P],
+    "freedit_rt_event_record": [_P, _P],
+    "freedit_rt_stream_wait_event": [_P, _P],
+    "freedit_rt_event_synchronize": [_P],
+    "freedit_rt_event_query": [_P],
+    "freedit_rt_event_elapsed_ms": [_PF, _P, _P],
+    "freedit_rt_launch_host_func": [_P, HOST_FN, _P],
+    "freedit_rt_begin_capture": [_P],
+    "freedit_rt_end_capture": [_P, _PP],
+    "freedit_rt_is_capturing": [_P, _PI],
+    "freedit_rt_graph_launch": [_P, _P],
+    "freedit_rt_graph_destroy": [_P],
+}
 #: Every symbol the library exports (the C ABI).
 ENTRY_POINTS = ("freedit_kernels_abi_version", "freedit_error_string", "freedit_error_name", "freedit_device_count",
-                "freedit_pointer_memory_type", *_SIGNATURES, *_HOST_SIGNATURES)
+                "freedit_pointer_memory_type", "freedit_launch_count", "freedit_copy_bytes", *_SIGNATURES,
+                *_HOST_SIGNATURES, *_RUNTIME_SIGNATURES)
 
 
 def _stream_handle(stream: Any) -> int:
@@ -247,9 +281,11 @@ class Kernels:
             getattr(self.lib, name).argtypes = [ctypes.c_int]
         self.lib.freedit_device_count.argtypes = [ctypes.POINTER(ctypes.c_int)]
         self.lib.freedit_pointer_memory_type.argtypes = [_P, ctypes.POINTER(ctypes.c_int)]
-        for name, argtypes in {**_SIGNATURES, **_HOST_SIGNATURES}.items():
+        for name, argtypes in {**_SIGNATURES, **_HOST_SIGNATURES, **_RUNTIME_SIGNATURES}.items():
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        self.lib.freedit_launch_count.argtypes, self.lib.freedit_launch_count.restype = [], ctypes.c_longlong
+        self.lib.freedit_copy_bytes.argtypes, self.lib.freedit_copy_bytes.restype = [_PLL, _PLL], None
         self._pointer_queries = True  # off once the driver says it cannot answer (no GPU)
 
     # ---- helpers -------------------------------------------------------------------------------

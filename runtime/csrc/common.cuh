@@ -9,6 +9,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+
 #include "freedit_kernels.h"
 
 namespace freedit {
@@ -22,6 +24,25 @@ inline unsigned grid_for(size_t total, int threads = kThreads) {
 }
 
 inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+// Kernel launches go through FREEDIT_LAUNCH(kernel, grid, block, shared_bytes, stream)(args...) so
+// that the same sources also build for the host under the CUDA-runtime shim (runtime/csrc/emulation),
+// where the macro runs every block and thread on host threads instead of `<<<...>>>`.
+#ifndef FREEDIT_LAUNCH
+#define FREEDIT_LAUNCH(kernel, grid, block, shared, stream) kernel<<<(grid), (block), (shared), (stream)>>>
+#endif
+
+// Launches made by this library so far (freedit_launch_count): benchmarks report launches per round.
+inline std::atomic<long long>& launch_counter() {
+  static std::atomic<long long> count{0};
+  return count;
+}
+
+// Every entry point ends a launch with this: count it, return the launch's error code.
+inline int finish_launch() {
+  launch_counter().fetch_add(1, std::memory_order_relaxed);
+  return static_cast<int>(cudaGetLastError());
+}
 
 #define FREEDIT_HD __host__ __device__ __forceinline__
 

@@ -223,17 +223,17 @@ extern "C" int freedit_log_ratio(const float* x, const float* mean_p, const floa
                                  const float* log_var_q, int rows, int per_row, double* out, void* stream) {
   if (!x || !mean_p || !log_var_p || !mean_q || !log_var_q || !out || rows <= 0 || per_row <= 0)
     return cudaErrorInvalidValue;
-  log_ratio_kernel<<<rows, kThreads, 0, as_stream(stream)>>>(x, mean_p, log_var_p, mean_q, log_var_q, per_row, out);
-  return static_cast<int>(cudaGetLastError());
+  FREEDIT_LAUNCH(log_ratio_kernel, rows, kThreads, 0, as_stream(stream))(x, mean_p, log_var_p, mean_q, log_var_q, per_row, out);
+  return finish_launch();
 }
 
 extern "C" int freedit_accept_window(const double* log_r, const double* uniform, const double* gamma, int rows,
                                      const int* windows, int samples, int* accepted, int* reject_row, void* stream) {
   if (!windows || !accepted || samples <= 0 || rows < 0) return cudaErrorInvalidValue;
   if (rows > 0 && (!log_r || !uniform)) return cudaErrorInvalidValue;
-  accept_window_kernel<<<1, kAcceptThreads, 0, as_stream(stream)>>>(log_r, uniform, gamma, rows, windows, samples,
+  FREEDIT_LAUNCH(accept_window_kernel, 1, kAcceptThreads, 0, as_stream(stream))(log_r, uniform, gamma, rows, windows, samples,
                                                                     accepted, reject_row);
-  return static_cast<int>(cudaGetLastError());
+  return finish_launch();
 }
 
 extern "C" int freedit_reflect(const float* x, const float* mean_p, const float* mean_q, const float* log_var,
@@ -241,9 +241,9 @@ extern "C" int freedit_reflect(const float* x, const float* mean_p, const float*
   if (!x || !mean_p || !mean_q || !log_var || !out || in_rows <= 0 || per_row <= 0 || out_rows <= 0)
     return cudaErrorInvalidValue;
   if (!index && out_rows != in_rows) return cudaErrorInvalidValue;
-  reflect_kernel<<<out_rows, kThreads, 0, as_stream(stream)>>>(x, mean_p, mean_q, log_var, in_rows, per_row, index,
+  FREEDIT_LAUNCH(reflect_kernel, out_rows, kThreads, 0, as_stream(stream))(x, mean_p, mean_q, log_var, in_rows, per_row, index,
                                                                out);
-  return static_cast<int>(cudaGetLastError());
+  return finish_launch();
 }
 
 extern "C" int freedit_residual(const float* mean_p, const float* log_var_p, const float* mean_q,
@@ -256,11 +256,11 @@ extern "C" int freedit_residual(const float* mean_p, const float* log_var_p, con
   if (in_rows <= 0 || per_row <= 0 || out_rows <= 0 || max_attempts <= 0 || attempt_shift < 0 || attempt_shift > 31)
     return cudaErrorInvalidValue;
   if (!index && out_rows != in_rows) return cudaErrorInvalidValue;
-  residual_kernel<<<out_rows, kThreads, 0, as_stream(stream)>>>(mean_p, log_var_p, mean_q, log_var_q, in_rows,
+  FREEDIT_LAUNCH(residual_kernel, out_rows, kThreads, 0, as_stream(stream))(mean_p, log_var_p, mean_q, log_var_q, in_rows,
                                                                 per_row, index, seed, sample, step, purpose_z,
                                                                 purpose_u, attempt_shift, max_attempts, out, proposals,
                                                                 cap_hit);
-  return static_cast<int>(cudaGetLastError());
+  return finish_launch();
 }
 
 // ---- host references: the same Philox and residual code on the CPU ------------------------------

@@ -11,7 +11,10 @@
 #pragma once
 
 // 1: freedit_transition_f32 only. 2: dtype codes, all sampling kernels, helpers.
-#define FREEDIT_KERNELS_ABI_VERSION 2
+// 3: the device runtime (memory, streams, events, graphs, counters) and the fused FREE round.
+#define FREEDIT_KERNELS_ABI_VERSION 3
+
+#include <stddef.h>
 
 // Element types of model outputs (eps_v).
 #define FREEDIT_DTYPE_F32 0
@@ -123,6 +126,46 @@ FREEDIT_API int freedit_residual(const float* mean_p, const float* log_var_p, co
                                  unsigned long long seed, const unsigned* sample, const unsigned* step,
                                  unsigned purpose_z, unsigned purpose_u, int attempt_shift, int max_attempts,
                                  float* out, int* proposals, int* cap_hit, void* stream);
+
+// ---- device runtime ----------------------------------------------------------------------------
+// Why: the FREE round (runtime/round_device.py) allocates its buffers once, orders drafting and
+// verification with streams and events, and replays fixed-shape rounds as CUDA graphs through
+// these, so that the same Python code drives a GPU and the host emulation of this library.
+// Each returns a cudaError_t; handles (streams, events, graph execs) are opaque void*.
+FREEDIT_API int freedit_rt_set_device(int device);
+FREEDIT_API int freedit_rt_get_device(int* device);
+FREEDIT_API int freedit_rt_compute_capability(int device, int* major, int* minor);
+FREEDIT_API int freedit_rt_mem_get_info(size_t* free_bytes, size_t* total_bytes);
+FREEDIT_API int freedit_rt_malloc(void** ptr, size_t bytes);
+FREEDIT_API int freedit_rt_free(void* ptr);
+FREEDIT_API int freedit_rt_host_alloc(void** ptr, size_t bytes);  // pinned host memory
+FREEDIT_API int freedit_rt_host_free(void* ptr);
+// kind: cudaMemcpyKind (0 host->host, 1 host->device, 2 device->host, 3 device->device, 4 default).
+FREEDIT_API int freedit_rt_memcpy_async(void* dst, const void* src, size_t bytes, int kind, void* stream);
+FREEDIT_API int freedit_rt_memset_async(void* dst, int value, size_t bytes, void* stream);
+FREEDIT_API int freedit_rt_stream_create(void** stream);  // cudaStreamNonBlocking
+FREEDIT_API int freedit_rt_stream_destroy(void* stream);
+FREEDIT_API int freedit_rt_stream_synchronize(void* stream);
+FREEDIT_API int freedit_rt_event_create(void** event, int timing);  // timing 0: cudaEventDisableTiming
+FREEDIT_API int freedit_rt_event_destroy(void* event);
+FREEDIT_API int freedit_rt_event_record(void* event, void* stream);
+FREEDIT_API int freedit_rt_stream_wait_event(void* stream, void* event);
+FREEDIT_API int freedit_rt_event_synchronize(void* event);
+FREEDIT_API int freedit_rt_event_query(void* event);  // 0 done, 600 (cudaErrorNotReady) pending
+FREEDIT_API int freedit_rt_event_elapsed_ms(float* ms, void* start, void* end);
+// A host function in stream order (cudaLaunchHostFunc): capturable into a graph as a host node.
+typedef void (*freedit_host_fn)(void* data);
+FREEDIT_API int freedit_rt_launch_host_func(void* stream, freedit_host_fn fn, void* data);
+// Graph capture of one stream (thread-local mode); end_capture instantiates (NULL on failure).
+FREEDIT_API int freedit_rt_begin_capture(void* stream);
+FREEDIT_API int freedit_rt_end_capture(void* stream, void** graph_exec);
+FREEDIT_API int freedit_rt_is_capturing(void* stream, int* capturing);
+FREEDIT_API int freedit_rt_graph_launch(void* graph_exec, void* stream);
+FREEDIT_API int freedit_rt_graph_destroy(void* graph_exec);
+// Counters since load: kernel launches made by this library, bytes copied host<->device by
+// freedit_rt_memcpy_async. Benchmarks report them per round.
+FREEDIT_API long long freedit_launch_count(void);
+FREEDIT_API void freedit_copy_bytes(long long* host_to_device, long long* device_to_host);
 
 // ---- host references (CPU, host pointers, synchronous) ----------------------------------------
 // Why: the Philox/Box-Muller and residual code above, compiled for the CPU from the same source,

@@ -47,9 +47,10 @@ int launch_philox(unsigned long long seed, const unsigned* sample, const unsigne
                   int rows, int count, T* out, void* stream) {
   if (!sample || !step || !purpose || !out || rows <= 0 || count <= 0) return cudaErrorInvalidValue;
   const size_t total = static_cast<size_t>(rows) * ((static_cast<size_t>(count) + 3) / 4);
-  philox_kernel<kind, T><<<grid_for(total), kThreads, 0, as_stream(stream)>>>(seed, sample, step, purpose, rows,
+  const auto kernel = philox_kernel<kind, T>;  // a template name with a comma cannot be a macro argument
+  FREEDIT_LAUNCH(kernel, grid_for(total), kThreads, 0, as_stream(stream))(seed, sample, step, purpose, rows,
                                                                                count, out);
-  return static_cast<int>(cudaGetLastError());
+  return finish_launch();
 }
 
 }  // namespace

@@ -80,17 +80,17 @@ __global__ void ddpm_step_kernel(const float* mean, const float* __restrict__ lo
 template <typename T>
 int launch_transition(const float* x, const void* eps_v, const int* steps, const float* table, int num_steps,
                       int rows, int per_row, int variance, float* mean, float* log_var, cudaStream_t stream) {
-  transition_kernel<T><<<grid_for(static_cast<size_t>(rows) * per_row), kThreads, 0, stream>>>(
+  FREEDIT_LAUNCH(transition_kernel<T>, grid_for(static_cast<size_t>(rows) * per_row), kThreads, 0, stream)(
       x, static_cast<const T*>(eps_v), steps, table, num_steps, rows, per_row, variance, mean, log_var);
-  return static_cast<int>(cudaGetLastError());
+  return finish_launch();
 }
 
 template <typename T>
 int launch_cfg(const void* eps_v, int rows, int row_elems, int guided_elems, float scale, float* out,
                cudaStream_t stream) {
-  cfg_kernel<T><<<grid_for(static_cast<size_t>(rows) * row_elems), kThreads, 0, stream>>>(
+  FREEDIT_LAUNCH(cfg_kernel<T>, grid_for(static_cast<size_t>(rows) * row_elems), kThreads, 0, stream)(
       static_cast<const T*>(eps_v), rows, row_elems, guided_elems, scale, out);
-  return static_cast<int>(cudaGetLastError());
+  return finish_launch();
 }
 
 }  // namespace
@@ -171,7 +171,7 @@ extern "C" int freedit_cfg_combine(const void* eps_v, int eps_dtype, int rows, i
 extern "C" int freedit_ddpm_step(const float* mean, const float* log_var, const int* steps, const float* noise,
                                  int rows, int per_row, float* out, void* stream) {
   if (!mean || !log_var || !steps || !noise || !out || rows <= 0 || per_row <= 0) return cudaErrorInvalidValue;
-  ddpm_step_kernel<<<grid_for(static_cast<size_t>(rows) * per_row), kThreads, 0, as_stream(stream)>>>(
+  FREEDIT_LAUNCH(ddpm_step_kernel, grid_for(static_cast<size_t>(rows) * per_row), kThreads, 0, as_stream(stream))(
       mean, log_var, steps, noise, rows, per_row, out);
-  return static_cast<int>(cudaGetLastError());
+  return finish_launch();
 }
