@@ -138,7 +138,7 @@ def test_loads_and_checks_the_abi_version(built_library, monkeypatch):
     count, code = k.device_count()
     assert (code == 0 and count >= 1) if HAVE_GPU else (code != 0 and count == 0)
     monkeypatch.setattr(kernels, "ABI_VERSION", kernels.ABI_VERSION + 1)
-    stale = r"(?s)ABI version 2, this binding needs 3 \(a stale build\); to build it.*cmake -S \. -B"
+    stale = rf"(?s)ABI version {kernels.ABI_VERSION}, this binding needs {kernels.ABI_VERSION + 1} \(a stale build\); to build it.*cmake -S \. -B"
     with pytest.raises(RuntimeError, match=stale):
         kernels.Kernels(built_library["path"])
 
