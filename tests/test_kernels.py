@@ -137,8 +137,9 @@ def test_loads_and_checks_the_abi_version(built_library, monkeypatch):
     assert k.abi_version == kernels.ABI_VERSION
     count, code = k.device_count()
     assert (code == 0 and count >= 1) if HAVE_GPU else (code != 0 and count == 0)
-    monkeypatch.setattr(kernels, "ABI_VERSION", kernels.ABI_VERSION + 1)
-    stale = rf"(?s)ABI version {kernels.ABI_VERSION}, this binding needs {kernels.ABI_VERSION + 1} \(a stale build\); to build it.*cmake -S \. -B"
+    built = kernels.ABI_VERSION
+    monkeypatch.setattr(kernels, "ABI_VERSION", built + 1)
+    stale = rf"(?s)ABI version {built}, this binding needs {built + 1} \(a stale build\); to build it.*cmake -S \. -B"
     with pytest.raises(RuntimeError, match=stale):
         kernels.Kernels(built_library["path"])
 
