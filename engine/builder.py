@@ -192,14 +192,15 @@ def _mark_attention_decomposable(t, network) -> int:
     return marked
 
 
-def device_compute_capability() -> str | None:
-    """This machine's GPU 0 as "89", or None without a GPU (cudaGetDeviceCount returns an error code)."""
+def device_compute_capability(device_id: int = 0) -> str | None:
+    """GPU ``device_id``'s compute capability as "89", or None without that GPU (cudaGetDeviceCount
+    returns an error code on a machine without a driver)."""
     try:
         from cuda.bindings import runtime as rt
     except ImportError:
         return None
     err, count = rt.cudaGetDeviceCount()
-    if err != rt.cudaError_t.cudaSuccess or count < 1:
+    if err != rt.cudaError_t.cudaSuccess or not 0 <= device_id < count:
         return None
-    err, props = rt.cudaGetDeviceProperties(0)
+    err, props = rt.cudaGetDeviceProperties(device_id)
     return f"{props.major}{props.minor}" if err == rt.cudaError_t.cudaSuccess else None

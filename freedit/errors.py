@@ -22,3 +22,11 @@ class StalePlanError(FreeditError):
 
 class BackendUnavailable(FreeditError):
     """A backend this machine cannot run (no GPU, no CUDA provider, no TensorRT)."""
+
+
+class CapacityError(FreeditError):
+    """An engine (e.g. a TensorRT plan's profile) cannot hold the rows a request needs."""
+
+
+class ModelOutputError(FreeditError):
+    """The model returned values sampling cannot use (NaN or infinity); generation stopped."""

@@ -544,14 +544,14 @@ class Kernels:
                  index=None, max_attempts: int | None = None, purpose_z: int | None = None,
                  purpose_u: int | None = None, attempt_shift: int | None = None, stream=None):
         """Residual (q - p)^+ by rejection with keyed proposals (coupling.sample_residual with
-        speculative.py's residual_draw): out [R, ...] fp32, proposals and cap_hit [R] int32; sample,
+        round_numpy.py's residual draw): out [R, ...] fp32, proposals and cap_hit [R] int32; sample,
         step [R] int32/uint32 key output row i; index as for reflect."""
-        from freedit.runtime import coupling, noise, speculative
+        from freedit.runtime import coupling, noise, round as round_module
 
         max_attempts = coupling.MAX_RESIDUAL_ATTEMPTS if max_attempts is None else int(max_attempts)
         purpose_z = int(noise.Purpose.RESIDUAL if purpose_z is None else purpose_z)
         purpose_u = int(noise.Purpose.RESIDUAL_ACCEPT if purpose_u is None else purpose_u)
-        attempt_shift = speculative._ATTEMPT_SHIFT if attempt_shift is None else int(attempt_shift)
+        attempt_shift = round_module.ATTEMPT_SHIFT if attempt_shift is None else int(attempt_shift)
         if not 1 <= max_attempts <= _INT_MAX:
             raise ValueError(f"max_attempts must be in 1..{_INT_MAX}, got {max_attempts}")
         if not 0 <= attempt_shift <= 31:
@@ -608,7 +608,7 @@ class Kernels:
     def residual_host(self, mean_p, log_var_p, mean_q, log_var_q, *, seed: int, sample, step, index=None,
                       max_attempts: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """freedit_residual's contract on the CPU (host arrays, one attempt at a time): (out, proposals, cap_hit)."""
-        from freedit.runtime import coupling, noise, speculative
+        from freedit.runtime import coupling, noise, round as round_module
 
         arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (mean_p, log_var_p, mean_q, log_var_q)]
         if any(a.shape != arrays[2].shape for a in arrays) or arrays[2].ndim < 1 or arrays[2].size == 0:
@@ -625,7 +625,7 @@ class Kernels:
         self._check("freedit_residual_host", self.lib.freedit_residual_host(
             *[a.ctypes.data for a in arrays], in_rows, per_row, None if idx is None else idx.ctypes.data, out_rows,
             int(seed) & 0xFFFFFFFFFFFFFFFF, keys[0].ctypes.data, keys[1].ctypes.data, int(noise.Purpose.RESIDUAL),
-            int(noise.Purpose.RESIDUAL_ACCEPT), speculative._ATTEMPT_SHIFT, max_attempts, out.ctypes.data,
+            int(noise.Purpose.RESIDUAL_ACCEPT), round_module.ATTEMPT_SHIFT, max_attempts, out.ctypes.data,
             proposals.ctypes.data, cap_hit.ctypes.data))
         return out, proposals, cap_hit.astype(bool)
 
@@ -913,9 +913,9 @@ def check_reflect(k: Kernels, mem, rng: np.random.Generator) -> dict:
 
 
 def check_residual(k: Kernels, mem, rng: np.random.Generator) -> dict:
-    from freedit.runtime import coupling, noise, speculative
+    from freedit.runtime import coupling, noise, round as round_module
 
-    shift = speculative._ATTEMPT_SHIFT
+    shift = round_module.ATTEMPT_SHIFT
     rows, shape = 10, (2, 4, 4)
     seed = int(rng.integers(0, 2**62))
     gauss = _gaussian_pair(rng, (rows, *shape), np.geomspace(0.003, 1.0, rows))
@@ -927,7 +927,7 @@ def check_residual(k: Kernels, mem, rng: np.random.Generator) -> dict:
         key_ids, key_steps = ids[: len(index)], steps[: len(index)]
         valid = index >= 0
 
-        def draw(r, attempts):  # speculative.py's residual_draw, rows r of the valid outputs
+        def draw(r, attempts):  # round_numpy.py's residual draw, rows r of the valid outputs
             purpose = attempts.astype(np.int64) << shift
             sel = np.flatnonzero(valid)[r]
             return (noise.normal(seed, key_ids[sel], key_steps[sel], noise.Purpose.RESIDUAL + purpose, shape),

@@ -14,16 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
-from freedit.runtime import noise
 from freedit.runtime.backends.base import Backend
 from freedit.runtime.images import make_grid, to_uint8
-from freedit.runtime.overlap import run_overlapped
-from freedit.runtime.ragged import SampleState, run_ragged
-from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
-from freedit.runtime.sequential import SequentialSampler
-from freedit.runtime.speculative import FeatureDrafter, FrozenDrafter, SpeculativeSampler
 from freedit.runtime.contract import ContractError
-from freedit.runtime.target import GuidedModel
+from freedit.runtime.overlap import Timeline
+from freedit.runtime.round import ENGINE_IO, RoundRunner, RoundSettings, RoundSpec, check_capacity
+from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 
 SAMPLERS = ("free", "free-relax", "frozen", "sequential", "ddim")
 SPECULATIVE = ("free", "free-relax", "frozen")
@@ -75,9 +71,14 @@ class Pipeline:
         self.defaults = {"sampler": "free" if self.has_drafter else "sequential", "steps": 250, "cfg_scale": 1.0,
                          "batch_size": 64, "window": 6, "relax": 0.5, **(defaults or {})}
         self.source = source
+        self._context = None  # the round's maths and workspaces, allocated on first use
 
     @classmethod
-    def from_directory(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None) -> "Pipeline":
+    def from_directory(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
+                       precision: str | None = None, device_id: int = 0) -> "Pipeline":
+        """The model folder ``path`` on ``backend``. ``precision`` chooses the torch backends' compute
+        precision (fp32, tf32, bf16); ONNX Runtime and TensorRT run the precision in the graph.
+        ``device_id``: the GPU of the GPU backends."""
         path = Path(path)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -88,7 +89,11 @@ class Pipeline:
             raise FileNotFoundError(f"{path} has no dit.onnx; export one with `freedit export` (or reinstall freedit "
                                     f"for the bundled model)")
         defaults = json.loads((path / "pipeline.json").read_text()) if (path / "pipeline.json").is_file() else {}
-        return cls(_make_backend(backend, path, defaults, threads), defaults, source=str(path))
+        if precision is not None and not backend.startswith("torch"):
+            raise ValueError(f"--precision chooses the torch backends' precision; {backend} runs the precision the "
+                             f"graph was exported with (freedit export --precision)")
+        return cls(_make_backend(backend, path, defaults, threads, precision or "fp32", device_id), defaults,
+                   source=str(path))
 
     @classmethod
     def default(cls, backend: str = "onnxruntime", threads: int | None = None) -> "Pipeline":
@@ -129,7 +134,7 @@ class Pipeline:
     def generate(self, class_labels: Sequence[int], sampler: str | None = None, steps=None,
                  cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None, window: int | None = None,
                  relax: float | None = None, progress: bool = False, micro_batches: int = 1,
-                 window_schedule=None) -> GenerationResult:
+                 window_schedule=None, maths: str = "auto", graphs: bool | None = None) -> GenerationResult:
         """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
 
         ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
@@ -137,6 +142,9 @@ class Pipeline:
         ``window`` is FREE's draft length L. ``micro_batches`` > 1 (speculative samplers) keeps that
         many batches of ``batch_size`` in flight, one drafting while another verifies.
         ``window_schedule``: L per respaced step (e.g. runtime/adaptive.py's choice) instead of one L.
+        ``maths``: where the round's maths runs: "numpy" (host), "device" (the CUDA kernels; on a
+        machine without a GPU, their host emulation), "auto" (device for GPU backends, else numpy).
+        ``graphs``: replay repeated round shapes from CUDA graphs (device maths; default on).
         """
         sampler = self.defaults["sampler"] if sampler is None else sampler
         steps = self.defaults["steps"] if steps is None else steps
@@ -149,55 +157,75 @@ class Pipeline:
             raise ValueError(f"micro batches must be an integer >= 1, got {micro_batches!r}")
         if micro_batches > 1 and sampler not in SPECULATIVE:
             raise ValueError(f"micro batches overlap drafting with verification; sampler {sampler!r} does not draft")
+        if maths not in MATHS:
+            raise ValueError(f"unknown maths {maths!r}; choose one of {', '.join(MATHS)}")
         if sampler == "ddim" and spacing.isdigit():
             spacing = f"ddim{spacing}"
         schedule = Schedule.create(spacing)
-        target = GuidedModel(self.backend, schedule, cfg_scale)
-        drafter_model = None
-        if sampler in SPECULATIVE:
-            if sampler == "frozen":
-                drafter = FrozenDrafter()
-            else:
-                drafter_model = GuidedModel(self.backend, schedule, cfg_scale, engine="drafter")
-                drafter = FeatureDrafter(drafter_model)
-            impl = SpeculativeSampler(target, drafter, seed, window=window, relax=relax,
-                                      window_schedule=window_schedule)
-        else:
-            impl = SequentialSampler(target, seed, ddim=sampler == "ddim")
-        shape = (self.info.in_channels, self.info.input_size, self.info.input_size)
+        speculative = sampler in SPECULATIVE
+        if window_schedule is not None:
+            window_schedule = _check_window_schedule(window_schedule, schedule.num_steps)
+        window = int(window) if speculative else 0
+        longest = int(window_schedule.max(initial=0)) if window_schedule is not None else window
+        micro_batches = int(min(micro_batches, len(labels)))
+        slots = int(min(batch_size, -(-len(labels) // micro_batches)))
+        drafter = ("frozen" if sampler == "frozen" else "free") if speculative else None
+        spec = RoundSpec(self.info, slots=slots, max_window=longest if speculative else 0, guided=cfg_scale != 1.0,
+                         drafter=drafter, t_feat=drafter == "free" and "t_feat" in self.backend.inputs("drafter"),
+                         fixed_variance=self.defaults.get("fixed_variance", "small"))
+        settings = RoundSettings(schedule, int(seed), cfg_scale, window if window_schedule is None else 0,
+                                 window_schedule, relax, ddim=sampler == "ddim")
+        kind = self._maths_kind(maths)
+        check_capacity({e: self.backend.max_rows(e) for e in spec.engine_rows()}, spec, self.source or self.backend.name)
+        context = self._round_context(kind, spec, micro_batches)
+        if context.device is not None:
+            context.device.make_current()  # the current CUDA device is per host thread
+        round_maths = context.maths
+        for ws in context.workspaces:
+            round_maths.configure(ws, settings)
+        overlap = micro_batches > 1
+        lanes = context.lanes or round_maths.lanes(overlap, timing=False)
+        timeline = None
+        if overlap:
+            timeline = Timeline(reference=lanes[0].mark() if kind == "device" else None)
         n = schedule.num_steps
-        x_T = noise.normal(seed, np.arange(len(labels)), n, noise.Purpose.INIT, shape)
-        states = [SampleState(index=i, label=int(y), x=x_T[i], step=n - 1) for i, y in enumerate(labels)]
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(labels) * n, desc=f"{sampler} x{len(labels)}", unit="step", leave=False)
+        counted = context.counted
+        for c in counted.values():
+            c.reset()
         start = time.perf_counter()
-        timeline = None
         try:
-            if micro_batches > 1:
-                done, timeline = run_overlapped(states, batch_size, impl, int(micro_batches),
-                                                on_progress=bar.update if bar else None)
-            else:
-                done = run_ragged(states, batch_size, impl.advance, on_progress=bar.update if bar else None)
+            runner = RoundRunner(round_maths, context.workspaces[:micro_batches], settings, lanes,
+                                 capture=kind == "device" and (True if graphs is None else bool(graphs)),
+                                 on_progress=bar.update if bar else None, timeline=timeline)
+            samples, stats = runner.run(labels)
         finally:
             if bar:
                 bar.close()
+            if context.lanes is None:
+                for lane in lanes:
+                    lane.close()
         seconds = time.perf_counter() - start
-        stats = [{"sample": s.index, "label": s.label, "steps": n, **s.stats} for s in done]
-        settings = {"sampler": sampler, "steps": spacing, "num_steps": n, "cfg_scale": cfg_scale, "seed": seed,
-                    "batch_size": batch_size, "backend": self.backend.name, "model": self.source}
-        if sampler in SPECULATIVE:
-            settings.update(window=window if window_schedule is None else "schedule", relax=relax,
-                            micro_batches=int(micro_batches))
+        for st in stats:
+            st["steps"] = n
+        settings_out = {"sampler": sampler, "steps": spacing, "num_steps": n, "cfg_scale": cfg_scale, "seed": seed,
+                        "batch_size": batch_size, "backend": self.backend.name, "model": self.source, "maths": kind,
+                        "precision": getattr(self.backend, "precision", None) or "fp32"}
+        if speculative:
+            settings_out.update(window=window if window_schedule is None else "schedule", relax=relax,
+                                micro_batches=int(micro_batches))
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),
-                   "mean_target_calls": float(calls.mean()), "batched_target_calls": target.calls,
+                   "mean_target_calls": float(calls.mean()), "batched_target_calls": counted["dit"].calls,
                    "nfe_speedup": float(n / calls.mean()),
-                   "drafter_calls": drafter_model.calls if drafter_model else 0,
-                   "target_seconds": target.seconds, "drafter_seconds": drafter_model.seconds if drafter_model else 0.0}
-        if sampler in SPECULATIVE:
+                   "drafter_calls": counted["drafter"].calls if "drafter" in counted else 0,
+                   "target_seconds": counted["dit"].seconds,
+                   "drafter_seconds": counted["drafter"].seconds if "drafter" in counted else 0.0}
+        if speculative:
             summary.update(speculative_summary(stats))
         device_bytes = self.backend.device_memory_bytes()
         if device_bytes is not None:
@@ -205,18 +233,131 @@ class Pipeline:
         if timeline is not None:
             summary.update(draft_busy_s=timeline.busy("draft"), verify_busy_s=timeline.busy("verify"),
                            draft_verify_overlap_s=timeline.overlap())
-        return GenerationResult(np.stack([s.x for s in done]), labels, stats, settings, seconds, summary,
+        return GenerationResult(samples, labels, stats, settings_out, seconds, summary,
                                 timeline.to_dict() if timeline is not None else None)
 
+    # -- the round's maths and workspaces, allocated once and reused --------------------------------
+    def _maths_kind(self, maths: str) -> str:
+        if maths == "auto":
+            return "device" if self.backend.memory == "cuda" else "numpy"
+        if maths == "numpy" and self.backend.memory == "cuda":
+            raise ValueError(f"backend {self.backend.name} computes on the GPU; its round maths is 'device'")
+        return maths
 
-def _make_backend(name: str, path: Path, defaults: dict, threads: int | None) -> Backend:
+    def _round_context(self, kind: str, spec: RoundSpec, micro_batches: int) -> "_RoundContext":
+        """Workspaces for ``spec`` (at least ``micro_batches``), reused while the spec is the same."""
+        ctx = self._context
+        if ctx is not None and ctx.kind == kind and ctx.spec == spec and len(ctx.workspaces) >= micro_batches:
+            return ctx
+        if ctx is not None:
+            ctx.close()
+            self._context = None
+        self._context = _RoundContext.create(self.backend, kind, spec, micro_batches)
+        return self._context
+
+    def close(self) -> None:
+        """Free the round's workspaces (device memory included)."""
+        if self._context is not None:
+            self._context.close()
+            self._context = None
+
+
+MATHS = ("auto", "numpy", "device")
+
+
+@dataclass
+class _RoundContext:
+    kind: str
+    spec: RoundSpec
+    maths: object
+    workspaces: list
+    lanes: tuple | None  # device lanes live as long as the workspaces (engines are bound to their streams)
+    counted: dict
+    device: object = None
+
+    @classmethod
+    def create(cls, backend: Backend, kind: str, spec: RoundSpec, count: int) -> "_RoundContext":
+        device = None
+        if kind == "device":
+            from freedit.runtime.device import Device
+            from freedit.runtime.round_device import DeviceRoundMaths
+
+            device = Device(load_kernels_for(backend), getattr(backend, "device_id", 0) or 0)
+            maths = DeviceRoundMaths(device)
+            lanes = maths.lanes(overlap=True, timing=True)
+        else:
+            from freedit.runtime.round_numpy import NumpyRoundMaths
+
+            maths, lanes = NumpyRoundMaths(), None
+        try:
+            workspaces = [maths.workspace(spec) for _ in range(count)]
+            counters = {engine: _CallCounter() for engine in spec.engine_rows()}
+            for ws in workspaces:
+                for engine in spec.engine_rows():
+                    ins, outs = ENGINE_IO[engine]
+                    have = backend.inputs(engine)
+                    bound = backend.bind(engine, {n: ws[b] for n, b in ins.items() if n in have},
+                                         {n: ws[b] for n, b in outs.items()},
+                                         (lanes[0] if engine == "drafter" else lanes[1]) if lanes else None)
+                    ws.engines[engine] = _CountedBound(bound, counters[engine])
+        except BaseException:
+            if device is not None:
+                device.close()
+            raise
+        return cls(kind, spec, maths, workspaces, lanes, counters, device)
+
+    def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
+
+
+class _CallCounter:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+
+
+class _CountedBound:
+    """A bound engine counting its calls and the host seconds they take (on a device lane: the
+    time to enqueue; the lanes' busy times come from the timeline)."""
+
+    def __init__(self, bound, counter: _CallCounter):
+        self.bound, self.counter, self.capturable = bound, counter, bound.capturable
+
+    def run(self, rows: int) -> None:
+        t0 = time.perf_counter()
+        self.bound.run(rows)
+        self.counter.seconds += time.perf_counter() - t0
+        self.counter.calls += 1
+
+
+def load_kernels_for(backend: Backend):
+    """The kernels library for the device round: the GPU build for GPU backends, else its host
+    emulation (device memory = host memory), which runs the same kernels on the CPU."""
+    from freedit.runtime import kernels
+
+    return kernels.load() if backend.memory == "cuda" else kernels.load(emulated=True)
+
+
+def _check_window_schedule(window_schedule, num_steps: int) -> np.ndarray:
+    ws = np.asarray(window_schedule)
+    if ws.ndim != 1 or len(ws) != num_steps or ws.dtype.kind not in "iu" or (len(ws) and ws.min() < 0):
+        raise ValueError(f"a window schedule needs one integer L >= 0 per step ({num_steps})")
+    return ws.astype(np.int64)
+
+
+def _make_backend(name: str, path: Path, defaults: dict, threads: int | None, precision: str = "fp32",
+                  device_id: int = 0) -> Backend:
     """The backend ``name`` for the model directory ``path`` (see BACKENDS)."""
     has_drafter = (path / "drafter.onnx").is_file()
     if name.startswith("onnxruntime"):
         from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         files = {"dit": path / "dit.onnx", **({"drafter": path / "drafter.onnx"} if has_drafter else {})}
-        return OnnxRuntimeBackend(files, threads=threads, device="cuda" if name.endswith("cuda") else "cpu")
+        return OnnxRuntimeBackend(files, threads=threads, device="cuda" if name.endswith("cuda") else "cpu",
+                                  device_id=device_id)
     if name.startswith("torch"):
         from freedit.runtime.backends.pytorch import CHECKPOINTS, TorchBackend
 
@@ -226,12 +367,12 @@ def _make_backend(name: str, path: Path, defaults: dict, threads: int | None) ->
             raise FileNotFoundError(f"the torch backend needs the DiT weights {dit} (pipeline.json 'checkpoints' "
                                     f"names them)")
         drafter = path / names["drafter"] if (path / names["drafter"]).is_file() else None
-        return TorchBackend.from_checkpoints(dit, drafter, device="cuda" if "cuda" in name else "cpu",
+        return TorchBackend.from_checkpoints(dit, drafter, device=f"cuda:{device_id}" if "cuda" in name else "cpu",
                                              compile=name.endswith("compiled"), threads=threads,
-                                             mode="reduce-overhead" if "cuda" in name else None)
+                                             mode="reduce-overhead" if "cuda" in name else None, precision=precision)
     from freedit.runtime.backends.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(path)
+    return TensorRTBackend(path, device_id=device_id)
 
 
 def check_drafter_matches(dit, drafter, source: str) -> None:

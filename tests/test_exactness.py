@@ -388,15 +388,16 @@ def generate(pipe, labels, sampler, **kw):
 def test_oracle_one_step_matches_runtime_transition(backend, schedule):
     """The oracle's per-step affine law equals ops.transition on the guided backend output."""
     from freedit.runtime import ops
-    from freedit.runtime.target import GuidedModel
 
-    model = GuidedModel(backend, schedule, CFG)
     rng = np.random.default_rng(0)
     for step in (schedule.num_steps - 1, 30, 7, 1, 0):
         for label in range(3):
             x = rng.normal(0.0, 1.5, (5, 1, 4, 4)).astype(np.float32)
-            eps_v, feat = model(x, np.full(5, step), np.full(5, label))
-            assert eps_v.shape == (5, 2, 4, 4) and feat.shape == (10, 4, 4)
+            t = np.full(10, schedule.timesteps[step], dtype=np.float32)
+            y = np.array([label] * 5 + [backend.info("dit").null_label] * 5)
+            out = backend.run("dit", {"x": np.concatenate([x, x]), "t": t, "y": y})
+            eps_v = ops.cfg_combine(out["eps_v"][:5], out["eps_v"][5:], CFG, 1, "all")
+            assert eps_v.shape == (5, 2, 4, 4) and out["feat"].shape == (10, 4, 4)
             mean, log_var = ops.transition(schedule, x, eps_v, np.full(5, step))
             a, b, lv = backend.step_law(schedule, step, label, CFG)
             np.testing.assert_allclose(mean, a * x + b, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from freedit.runtime import coupling, kernels, noise, speculative
+from freedit.runtime import coupling, kernels, noise
+from freedit.runtime.round import ATTEMPT_SHIFT
 from freedit.runtime.kernels import DeviceArray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def test_host_philox_is_noise_py(lib, rng):
 
 
 def test_host_residual_is_coupling_sample_residual(lib, rng):
-    """Same keys (speculative.py's residual_draw) -> the same accepted attempt, the same sample."""
+    """Same keys (round_numpy.py's residual draw) -> the same accepted attempt, the same sample."""
     rows, shape = 10, (2, 4, 4)
     seed = int(rng.integers(0, 2**62))
     gauss = kernels._gaussian_pair(rng, (rows, *shape), np.geomspace(0.003, 1.0, rows))
@@ -186,7 +187,7 @@ def test_host_residual_is_coupling_sample_residual(lib, rng):
     steps = rng.integers(1, 250, rows).astype(np.uint32)
 
     def draw(r, attempts):
-        purpose = attempts.astype(np.int64) << speculative._ATTEMPT_SHIFT
+        purpose = attempts.astype(np.int64) << ATTEMPT_SHIFT
         return (noise.normal(seed, ids[r], steps[r], noise.Purpose.RESIDUAL + purpose, shape),
                 noise.uniform(seed, ids[r], steps[r], noise.Purpose.RESIDUAL_ACCEPT + purpose, 1)[:, 0])
 

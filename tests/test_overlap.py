@@ -24,7 +24,7 @@ def test_overlapped_micro_batches_give_the_same_images(pipe):
 def test_drafting_overlaps_verification(pipe):
     result = pipe.generate(list(range(10)) * 2, steps=40, seed=0, batch_size=5, micro_batches=2)
     events = result.timeline
-    assert {e["lane"] for e in events} == {"draft", "verify", "decide"}
+    assert {e["lane"] for e in events} == {"draft", "verify"}
     assert {e["micro_batch"] for e in events} == {0, 1}
     for lane in ("draft", "verify"):  # one stream per lane: events of a lane never overlap each other
         spans = sorted((e["start"], e["end"]) for e in events if e["lane"] == lane)

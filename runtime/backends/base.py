@@ -1,7 +1,12 @@
-"""The backend interface: run a named engine (``dit``, ``drafter``) on named arrays.
+"""The backend interface: run a named engine (``dit``, ``drafter``) on named arrays or bound buffers.
 
 Samplers only ever talk to this interface, so ONNX Runtime, TensorRT and torch backends drive
-the same sampling code.
+the same sampling code. Two ways to call an engine:
+
+* ``run(engine, inputs)``: numpy in, numpy out (benchmarks' cost curves, checks, simple tools);
+* ``bind(engine, inputs, outputs, lane)``: the FREE round binds its workspace's buffers by name
+  once; ``BoundEngine.run(rows)`` then runs the engine on the first ``rows`` rows of every bound
+  buffer, in the lane's order (on a GPU: enqueued on the lane's CUDA stream, no host staging).
 """
 from __future__ import annotations
 
@@ -9,11 +14,52 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from freedit.runtime.contract import ModelInfo
+from freedit.runtime.contract import CONTRACTS, ModelInfo
+
+
+class BoundEngine:
+    """An engine bound to buffers by name. ``capturable``: its run may be captured in a CUDA graph."""
+
+    capturable = False
+
+    def run(self, rows: int) -> None:
+        raise NotImplementedError
+
+
+def host_array(buffer) -> np.ndarray:
+    """A numpy view of a bound buffer: a numpy array itself, or device memory that is host memory
+    (the kernels' host emulation)."""
+    return buffer if isinstance(buffer, np.ndarray) else buffer.host()
+
+
+class HostBoundEngine(BoundEngine):
+    """The generic binding for backends that compute on host arrays (``run``): views of the first
+    rows in, outputs copied into the bound buffers. On a device lane (the emulation) the call is a
+    host function in stream order, so it keeps its place among the kernels, captured graphs too."""
+
+    def __init__(self, backend: "Backend", engine: str, inputs: dict, outputs: dict, lane):
+        self.backend, self.engine, self.lane = backend, engine, lane
+        self.inputs = {n: host_array(b) for n, b in inputs.items()}
+        self.outputs = {n: host_array(b) for n, b in outputs.items()}
+        self.capturable = getattr(lane, "stream", None) is not None
+
+    def _call(self, rows: int) -> None:
+        out = self.backend.run(self.engine, {n: a[:rows] for n, a in self.inputs.items()})
+        for name, dst in self.outputs.items():
+            dst[:rows] = out[name]
+
+    def run(self, rows: int) -> None:
+        stream = getattr(self.lane, "stream", None)
+        if stream is None:
+            self._call(rows)
+        else:
+            stream.launch_host_func(lambda: self._call(rows))
 
 
 class Backend(ABC):
     name: str = "backend"
+    #: where the engines compute: "host" (numpy arrays, or the emulation's host-backed buffers) or "cuda"
+    memory: str = "host"
 
     @abstractmethod
     def engines(self) -> tuple[str, ...]:
@@ -26,6 +72,18 @@ class Backend(ABC):
     @abstractmethod
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one engine call; inputs and outputs are named per the ONNX contract."""
+
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        """The engine's input names (the contract's, plus optional ones such as the drafter's t_feat)."""
+        return tuple(spec.name for spec in CONTRACTS[engine][0])
+
+    def max_rows(self, engine: str) -> int | None:
+        """The most rows one call may have (a TensorRT profile's maximum); None = no limit."""
+        return None
+
+    def bind(self, engine: str, inputs: dict, outputs: dict, lane) -> BoundEngine:
+        """Bind buffers by tensor name (see the module docstring)."""
+        return HostBoundEngine(self, engine, inputs, outputs, lane)
 
     def device_memory_bytes(self) -> int | None:
         """Peak GPU memory this backend has held, where it can tell (None on the CPU)."""

@@ -1,9 +1,14 @@
 """ONNX Runtime backend: one InferenceSession per engine, contract-checked on load.
 
 ``device="cpu"`` (default) runs the CPU provider. ``device="cuda"`` runs the CUDA execution
-provider (the `onnxruntime-gpu` wheel) with I/O binding: inputs are copied to the GPU once per
-call, outputs are allocated there by ORT and copied back in one go, instead of the per-run host
-staging ``session.run`` does. ``io_binding=True`` takes the same path on the CPU (tested here).
+provider (the `onnxruntime-gpu` wheel).
+
+The FREE round binds its buffers (``bind``): one I/O binding per row count, made once, whose
+inputs and outputs are the workspace's own memory (device OrtValues on CUDA, host memory on the
+CPU), so a call copies nothing. On CUDA the session computes on the lane's stream
+(``user_compute_stream``) without a host synchronisation at the end of the run.
+``run(engine, inputs)`` keeps the numpy interface; with ``io_binding=True`` it takes the
+binding path on numpy inputs (tested on the CPU).
 """
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from freedit.errors import BackendUnavailable
-from freedit.runtime.backends.base import Backend
-from freedit.runtime.contract import ContractError, ModelInfo, check_session
+from freedit.runtime.backends.base import Backend, BoundEngine
+from freedit.runtime.contract import PRECISION_METADATA_KEY, ContractError, ModelInfo, check_session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -52,6 +57,26 @@ class OnnxRuntimeBackend(Backend):
             self._info[engine] = check_session(engine, session, str(path))
             self._sessions[engine] = session
             self._outputs[engine] = [o.name for o in session.get_outputs()]
+        self._ort = ort
+        self.memory = "cuda" if device == "cuda" else "host"
+        meta = self._sessions["dit"].get_modelmeta().custom_metadata_map if "dit" in self._sessions else {}
+        self.precision = meta.get(PRECISION_METADATA_KEY, "fp32")  # in the graph (freedit export --precision)
+        self._streams: dict[str, int] = {}  # engine -> the CUDA stream its session computes on
+
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        return tuple(i.name for i in self._sessions[engine].get_inputs())
+
+    def bind(self, engine: str, inputs: dict, outputs: dict, lane) -> BoundEngine:
+        stream = getattr(lane, "stream", None)
+        if self.device == "cuda":
+            if stream is None:
+                raise ValueError("the ONNX Runtime CUDA backend binds device buffers on a device lane")
+            if self._streams.setdefault(engine, stream.handle) != stream.handle:
+                raise ValueError(f"engine '{engine}' already computes on another CUDA stream")
+            self._sessions[engine].set_providers(
+                [PROVIDERS["cuda"], PROVIDERS["cpu"]],
+                [{"device_id": self.device_id, "user_compute_stream": str(stream.handle)}, {}])
+        return _BoundSession(self, engine, inputs, outputs, stream)
 
     def engines(self) -> tuple[str, ...]:
         return tuple(self._sessions)
@@ -70,3 +95,55 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_output(name, self.device, self.device_id)
         session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+
+class _BoundSession(BoundEngine):
+    """An I/O binding per row count over the workspace's buffers (numpy or device), made once."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, engine: str, inputs: dict, outputs: dict, stream):
+        self.session, self.stream = backend._sessions[engine], stream
+        self.device_type = "cuda" if backend.device == "cuda" else "cpu"
+        self.device_id = backend.device_id
+        self.inputs = {n: _address(b) for n, b in inputs.items()}
+        self.outputs = {n: _address(b) for n, b in outputs.items()}
+        self.bindings: dict[int, object] = {}
+        self.options = backend._ort.RunOptions()
+        if self.device_type == "cuda":  # ordered by the stream, not by a host wait
+            self.options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        # host memory on a device lane is the kernels' emulation: the call is a host function in
+        # stream order there, which graphs capture as a host node
+        self.capturable = self.device_type == "cpu" and stream is not None
+
+    def _binding(self, rows: int):
+        binding = self.bindings.get(rows)
+        if binding is None:
+            binding = self.session.io_binding()
+            for name, (ptr, dtype, shape) in self.inputs.items():
+                binding.bind_input(name, self.device_type, self.device_id, dtype, (rows, *shape[1:]), ptr)
+            for name, (ptr, dtype, shape) in self.outputs.items():
+                binding.bind_output(name, self.device_type, self.device_id, dtype, (rows, *shape[1:]), ptr)
+            self.bindings[rows] = binding
+        return binding
+
+    def _call(self, rows: int) -> None:
+        self.session.run_with_iobinding(self._binding(rows), self.options)
+
+    def run(self, rows: int) -> None:
+        if self.stream is None:
+            self._call(rows)
+        elif self.device_type == "cpu":
+            self.stream.launch_host_func(lambda: self._call(rows))
+        else:
+            if self.stream.capturing():
+                from freedit.runtime.round_device import CaptureUnsupported
+
+                raise CaptureUnsupported("ONNX Runtime's CUDA provider is not captured into freedit's graphs")
+            self._call(rows)
+
+
+def _address(buffer) -> tuple[int, np.dtype, tuple[int, ...]]:
+    if isinstance(buffer, np.ndarray):
+        if not buffer.flags.c_contiguous:
+            raise ValueError("bound buffers must be C-contiguous")
+        return buffer.ctypes.data, buffer.dtype, buffer.shape
+    return buffer.ptr, buffer.dtype, buffer.shape

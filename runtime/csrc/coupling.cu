@@ -2,13 +2,12 @@
 // the accept statistic, the ragged accept test with per-sample first rejection, the reflection
 // coupling (equal covariances) and rejection sampling of the residual (q - p)^+ with in-kernel
 // keyed Philox noise (unequal covariances). Row reductions accumulate in double, in a fixed order.
-#include "common.cuh"
+#include "round_maths.cuh"
 
 namespace freedit {
 namespace {
 
 constexpr int kAcceptThreads = 1024;
-constexpr float kNaN = __builtin_nanf("");
 
 // ---- log q(x) - log p(x) per row ----------------------------------------------------------------
 __global__ void log_ratio_kernel(const float* __restrict__ x, const float* __restrict__ mean_p,
@@ -26,12 +25,6 @@ __global__ void log_ratio_kernel(const float* __restrict__ x, const float* __res
 // ---- ragged accept test -------------------------------------------------------------------------
 // One block: an exclusive scan of the windows gives each sample its first row; each thread then
 // walks its sample's positions in order until the first rejection.
-FREEDIT_HD bool accepted_at(double log_r, double uniform, double gamma) {
-  const double t = gamma * log_r;
-  const double threshold = isnan(t) ? t : (t < 0.0 ? t : 0.0);  // np.minimum propagates NaN
-  return log(uniform) < threshold;                              // NaN threshold: reject
-}
-
 __global__ void accept_window_kernel(const double* __restrict__ log_r, const double* __restrict__ uniform,
                                      const double* __restrict__ gamma, int rows, const int* __restrict__ windows,
                                      int samples, int* __restrict__ accepted, int* __restrict__ reject_row) {
@@ -94,56 +87,10 @@ __global__ void reflect_kernel(const float* __restrict__ x, const float* __restr
     return;
   }
   const size_t base = static_cast<size_t>(row) * per_row;
-  // z = (x - mu_p)/sigma, d = (mu_p - mu_q)/sigma; x' = mu_q + sigma (z - 2 (d.z / d.d) d).
-  double dd = 0.0, dz = 0.0;
-  for (int i = threadIdx.x; i < per_row; i += blockDim.x) {
-    const double sigma = exp(0.5 * static_cast<double>(log_var[base + i]));
-    const double z = (static_cast<double>(x[base + i]) - mean_p[base + i]) / sigma;
-    const double d = (static_cast<double>(mean_p[base + i]) - mean_q[base + i]) / sigma;
-    dd += d * d;
-    dz += d * z;
-  }
-  dd = block_sum(dd, scratch);
-  dz = block_sum(dz, scratch);
-  const double c = dd > 0.0 ? 2.0 * dz / dd : 0.0;
-  for (int i = threadIdx.x; i < per_row; i += blockDim.x) {
-    const double sigma = exp(0.5 * static_cast<double>(log_var[base + i]));
-    const double z = (static_cast<double>(x[base + i]) - mean_p[base + i]) / sigma;
-    const double d = (static_cast<double>(mean_p[base + i]) - mean_q[base + i]) / sigma;
-    dst[i] = static_cast<float>(mean_q[base + i] + sigma * (z - c * d));
-  }
+  reflect_block(x + base, mean_p + base, mean_q + base, log_var + base, per_row, dst, scratch);
 }
 
-// ---- residual (q - p)^+ by rejection ------------------------------------------------------------
-// Each warp evaluates one attempt (proposal, its log ratio reduced over the warp, its uniform);
-// a block tries `warps` consecutive attempts per round and keeps the smallest successful one, so
-// the accepted attempt is the first success in attempt order, as coupling.sample_residual.
-struct ResidualRow {
-  const float *mean_p, *log_var_p, *mean_q, *log_var_q;
-  int per_row;
-  unsigned long long seed;
-  uint32_t sample, step;
-};
-
-// Proposal y of Philox block `block` (elements 4 block .. 4 block + 3) of attempt `purpose_z`:
-// y = mu_q + sigma_q z with numpy's fp32 roundings (sigma_q = exp(lv_q / 2), no FMA).
-FREEDIT_HD int proposal4(const ResidualRow& r, uint32_t block, uint32_t purpose_z, float y[4]) {
-  float z[4];
-  normals4(philox_block(r.seed, block, r.sample, r.step, purpose_z), z);
-  const int first = 4 * block, n = r.per_row - first < 4 ? r.per_row - first : 4;
-  for (int j = 0; j < n; ++j) {
-    const float sigma = static_cast<float>(exp(static_cast<double>(0.5f * r.log_var_q[first + j])));
-    y[j] = add_rn(r.mean_q[first + j], mul_rn(sigma, z[j]));
-  }
-  return n;
-}
-
-// u of attempt `shifted` and the keep test: keep with probability 1 - p(y)/q(y) = -expm1(-log r), log r > 0.
-FREEDIT_HD bool residual_keep(const ResidualRow& r, double log_r, uint32_t purpose_u, uint32_t shifted) {
-  const double u = to_uniform(philox_block(r.seed, 0, r.sample, r.step, purpose_u + shifted).x);
-  return log_r > 0.0 && u < -expm1(-log_r);
-}
-
+// ---- residual (q - p)^+ by rejection: one block per output row (residual_block) -------------------
 __global__ void residual_kernel(const float* __restrict__ mean_p, const float* __restrict__ log_var_p,
                                 const float* __restrict__ mean_q, const float* __restrict__ log_var_q, int in_rows,
                                 int per_row, const int* __restrict__ index, unsigned long long seed,
@@ -167,49 +114,9 @@ __global__ void residual_kernel(const float* __restrict__ mean_p, const float* _
   const size_t base = static_cast<size_t>(row) * per_row;
   const ResidualRow r{mean_p + base, log_var_p + base, mean_q + base, log_var_q + base, per_row, seed, sample[i],
                       step[i]};
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const uint32_t blocks = static_cast<uint32_t>((per_row + 3) / 4);
-  int found = -1;
-  for (long long round = 0; round < max_attempts && found < 0; round += warps) {
-    const long long attempt = round + warp;
-    int ok = 0;
-    if (attempt < max_attempts) {
-      const uint32_t shifted = static_cast<uint32_t>(attempt) << attempt_shift;  // mod 2^32, as numpy's cast
-      double acc = 0.0;
-      for (uint32_t b = lane; b < blocks; b += 32) {
-        float y[4];
-        const int n = proposal4(r, b, purpose_z + shifted, y);
-        for (int j = 0; j < n; ++j) {
-          const int e = 4 * b + j;
-          acc += log_ratio_term(y[j], r.mean_p[e], r.log_var_p[e], r.mean_q[e], r.log_var_q[e]);
-        }
-      }
-      acc = warp_sum(acc);
-      if (lane == 0) ok = residual_keep(r, acc, purpose_u, shifted);
-    }
-    if (lane == 0) keep[warp] = ok;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      winner = -1;
-      for (int w = 0; w < warps; ++w)
-        if (keep[w]) {
-          winner = static_cast<int>(round) + w;
-          break;
-        }
-    }
-    __syncthreads();
-    found = winner;
-    __syncthreads();  // everyone has read `winner` before the next round rewrites it
-  }
-  const int chosen = found >= 0 ? found : max_attempts - 1;  // at the cap: the last proposal, flagged
-  const uint32_t shifted = static_cast<uint32_t>(chosen) << attempt_shift;
-  for (uint32_t b = threadIdx.x; b < blocks; b += blockDim.x) {
-    float y[4];
-    const int n = proposal4(r, b, purpose_z + shifted, y);
-    for (int j = 0; j < n; ++j) dst[4 * b + j] = y[j];
-  }
+  const int found = residual_block(r, purpose_z, purpose_u, attempt_shift, max_attempts, dst, keep, &winner);
   if (threadIdx.x == 0) {
-    proposals[i] = chosen + 1;
+    proposals[i] = found >= 0 ? found + 1 : max_attempts;
     cap_hit[i] = found < 0;
   }
 }

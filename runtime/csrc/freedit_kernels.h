@@ -127,6 +127,99 @@ FREEDIT_API int freedit_residual(const float* mean_p, const float* log_var_p, co
                                  unsigned purpose_z, unsigned purpose_u, int attempt_shift, int max_attempts,
                                  float* out, int* proposals, int* cap_hit, void* stream);
 
+// ---- the fused FREE round (runtime/round.py drives it; runtime/round_numpy.py is its oracle) ---
+// Why: a round's maths between model calls in a handful of launches, on buffers allocated once,
+// with the top-block features never leaving the device. All pointers are device memory of one
+// workspace; the descriptor itself is read on the host at launch. Layouts (S slots, G = 2 rows per
+// state with CFG (conditional rows first, then all null rows), E = C*H*W, O = out_channels*H*W):
+//   slot state   x [S,E] f32, step [S] (-1 = empty), has_parent [S], sample [S] (noise key),
+//                label [S] i64, parent_feat [S,G,feat_row_bytes], parent_eps [S,O] (guided)
+//   plan         window_of [S] (-1 inactive), first_row [S], row_slot/row_pos/row_step [R],
+//                draft_src/draft_prev [max_window,S], slot_rank [S] (scratch)
+//   verify I/O   v_x [G*R,E], v_t [G*R], v_y [G*R] i64, v_eps [G*R,O], v_feat [G*R,feat_row_bytes]
+//   drafter I/O  d_feat [G*n,...], d_x, d_t, d_tfeat (NULL if the drafter has no t_feat), d_y,
+//                d_feat_out, d_eps
+//   maths        mean_p/log_var_p/mean_q/log_var_q [R,E], eps_q [R,O], log_r/uniform/gamma [R] f64
+//   report       [S+1, 4] i32: per slot (new step, accepted, residual proposals, flags), then the
+//                round's status row (rows planned, 0, 0, 0). Flags: 1 residual cap hit, 2 non-finite
+//                target output.
+//   results      [results_rows, E]: a sample's final state lands in row sample[s] when it finishes.
+// Verify rows are sample-major: slot s owns rows first_row[s] .. first_row[s] + window_of[s], row
+// first_row[s] + k holding x~_k (x~_0 = the committed state). Row r's q is the target transition
+// from x~ at row r; row r's p (k >= 1) is the draft transition that produced x~ at row r.
+#define FREEDIT_ROUND_FLAG_CAP_HIT 1
+#define FREEDIT_ROUND_FLAG_NONFINITE 2
+
+typedef struct freedit_round {
+  int slots, max_window, max_rows, channels, pixels, out_channels, variance, guided, guided_channels;
+  int num_steps, feat_row_bytes, ddim, window, results_rows;
+  float cfg_scale, relax;
+  long long null_label;
+  unsigned long long seed;
+  const int* window_table;  // [num_steps] L per respaced step, or NULL: `window` everywhere
+  const float* table;       // [num_steps, 6] Schedule.transition_table()
+  const float* timesteps;   // [num_steps + 1] original timestep (float) per respaced step
+  const float* ddim_table;  // [num_steps, 2] sqrt(abar_prev), sqrt(1 - abar_prev) (DDIM only)
+  float* x;
+  int* step;
+  int* has_parent;
+  unsigned* sample;
+  long long* label;
+  void* parent_feat;
+  float* parent_eps;
+  int* window_of;
+  int* first_row;
+  int* row_slot;
+  int* row_pos;
+  int* row_step;
+  int* draft_src;
+  int* draft_prev;
+  int* slot_rank;
+  float* v_x;
+  float* v_t;
+  long long* v_y;
+  const float* v_eps;
+  const void* v_feat;
+  void* d_feat;
+  float* d_x;
+  float* d_t;
+  float* d_tfeat;
+  long long* d_y;
+  const void* d_feat_out;
+  const float* d_eps;
+  float* mean_p;
+  float* log_var_p;
+  float* mean_q;
+  float* log_var_q;
+  float* eps_q;
+  double* log_r;
+  double* uniform;
+  double* gamma;
+  int* report;
+  float* results;
+} freedit_round;
+
+// New samples enter free slots: joins [n, 2] (slot, sample) and labels [n] (device arrays). The
+// state is the starting noise, keyed (seed, sample, num_steps, INIT) as the numpy path draws it.
+FREEDIT_API int freedit_round_join(const freedit_round* r, const int* joins, const long long* labels, int n,
+                                   void* stream);
+// One block: windows (min(L, step), 0 without a parent), rows, the draft lists; resets flags.
+FREEDIT_API int freedit_round_plan(const freedit_round* r, void* stream);
+// Verify rows of the round (`rows` = R, the host's own count): timesteps, labels, x~_0.
+FREEDIT_API int freedit_round_stage(const freedit_round* r, int rows, void* stream);
+// Drafter inputs of position k (n samples, n_prev at k - 1): parent or drafted features by index.
+FREEDIT_API int freedit_round_draft_inputs(const freedit_round* r, int k, int n, int n_prev, void* stream);
+// Draft transition p_k from the drafter's output (frozen = 1: the parent's real eps), its noise,
+// and x~_k written into the verify input (both CFG halves).
+FREEDIT_API int freedit_round_draft_step(const freedit_round* r, int k, int n, int rows, int frozen, void* stream);
+// The target's transitions q from every verify row (CFG combined), and the non-finite check.
+FREEDIT_API int freedit_round_verify(const freedit_round* r, int rows, void* stream);
+// Per draft row: log q(x~) - log p(x~), the accept uniform, relax's gamma.
+FREEDIT_API int freedit_round_decide(const freedit_round* r, int rows, void* stream);
+// Per slot: the accept scan, the residual (reflection or rejection) or the bonus step, the commit
+// (new state, step, parent features), the report row, the finished sample's result.
+FREEDIT_API int freedit_round_commit(const freedit_round* r, int rows, void* stream);
+
 // ---- device runtime ----------------------------------------------------------------------------
 // Why: the FREE round (runtime/round_device.py) allocates its buffers once, orders drafting and
 // verification with streams and events, and replays fixed-shape rounds as CUDA graphs through

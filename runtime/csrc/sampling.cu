@@ -3,12 +3,10 @@
 // Same semantics as runtime/ops.py (the numpy oracle): transition, cfg_combine, ddpm_step. Per row
 // a respaced step index picks a row of Schedule.transition_table() (float64 there, fp32 here);
 // fp32 maths throughout, model outputs read as fp32, fp16 or bf16.
-#include "common.cuh"
+#include "round_maths.cuh"
 
 namespace freedit {
 namespace {
-
-enum Column { kSqrtRecipAbar = 0, kSqrtRecipm1Abar, kCoef1, kCoef2, kMinLog, kMaxLog, kColumns };
 
 template <typename T>
 __global__ void transition_kernel(const float* __restrict__ x, const T* __restrict__ eps_v,
@@ -25,24 +23,8 @@ __global__ void transition_kernel(const float* __restrict__ x, const T* __restri
       mean[idx] = log_var[idx] = __int_as_float(0x7fc00000);  // NaN: a bad step never reads out of range
       continue;
     }
-    const float* coef = table + static_cast<size_t>(step) * kColumns;
-    const float xi = x[idx];
-    const float eps = load(eps_v, row * out_stride + i);
-    // mean = coef1 * (a x - b eps) + coef2 x, folded as (coef1 a + coef2) x - (coef1 b) eps: no large x0
-    // intermediate at high noise levels.
-    const float cx = coef[kCoef1] * coef[kSqrtRecipAbar] + coef[kCoef2];
-    const float ce = coef[kCoef1] * coef[kSqrtRecipm1Abar];
-    mean[idx] = cx * xi - ce * eps;
-    float lv;
-    if (variance == FREEDIT_VARIANCE_LEARNED) {  // frac = (v + 1) / 2 between log beta_tilde and log beta
-      const float frac = 0.5f * (load(eps_v, row * out_stride + per_row + i) + 1.0f);
-      lv = frac * coef[kMaxLog] + (1.0f - frac) * coef[kMinLog];
-    } else if (variance == FREEDIT_VARIANCE_FIXED_LARGE) {  // DiT: posterior variance at step 0, beta after
-      lv = step == 0 ? coef[kMinLog] : coef[kMaxLog];
-    } else {
-      lv = coef[kMinLog];
-    }
-    log_var[idx] = lv;
+    const float v = variance == FREEDIT_VARIANCE_LEARNED ? load(eps_v, row * out_stride + per_row + i) : 0.0f;
+    transition_element(table, step, variance, x[idx], load(eps_v, row * out_stride + i), v, &mean[idx], &log_var[idx]);
   }
 }
 
@@ -57,8 +39,7 @@ __global__ void cfg_kernel(const T* __restrict__ eps_v, int rows, int row_elems,
     const float c = load(eps_v, idx);
     if (i < static_cast<size_t>(guided_elems)) {
       const float u = load(eps_v, null_offset + idx);
-      // u + s (c - u) with numpy's roundings (no FMA contraction): bit-identical for fp32 inputs.
-      out[idx] = __fadd_rn(u, __fmul_rn(scale, __fsub_rn(c, u)));
+      out[idx] = cfg_element(c, u, scale);  // numpy's roundings: bit-identical for fp32 inputs
     } else {
       out[idx] = c;
     }
