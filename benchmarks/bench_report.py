@@ -56,13 +56,13 @@ def markdown(report: dict, stem: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
+    return str(path)
 
 
 def plots(report: dict, out_prefix: str) -> list[str]:
@@ -98,7 +98,7 @@ def plots(report: dict, out_prefix: str) -> list[str]:
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
         ax.set_title(f"{g0['model']} · {g0['backend']} · {g0['steps']} steps")
-        written.append(_save(fig, f"{out_prefix}_speedup_vs_lambda.png"))
+        written.append(save_figure(fig, f"{out_prefix}_speedup_vs_lambda.png"))
     # 2. acceptance by timestep
     with_acc = [r for r in g0["configs"] if r.get("acceptance_by_step")]
     if with_acc:
@@ -110,7 +110,7 @@ def plots(report: dict, out_prefix: str) -> list[str]:
         ax.set_xlabel("respaced step (noisy → clean)")
         ax.set_ylabel("draft acceptance")
         ax.legend(fontsize=7)
-        written.append(_save(fig, f"{out_prefix}_acceptance.png"))
+        written.append(save_figure(fig, f"{out_prefix}_acceptance.png"))
     # 3. latency vs batch size (groups of the first model/backend that differ only by batch)
     same = [g for g in report["groups"] if (g["model"], g["backend"], g["steps"], g["cfg_scale"])
             == (g0["model"], g0["backend"], g0["steps"], g0["cfg_scale"])]
@@ -123,7 +123,7 @@ def plots(report: dict, out_prefix: str) -> list[str]:
         ax.set_xlabel("batch size (samples in flight)")
         ax.set_ylabel("ms per image (median)")
         ax.legend(fontsize=7)
-        written.append(_save(fig, f"{out_prefix}_latency_vs_batch.png"))
+        written.append(save_figure(fig, f"{out_prefix}_latency_vs_batch.png"))
     # 4. adaptive window: cost curve and chosen L per step
     if "adaptive" in g0:
         a = g0["adaptive"]
@@ -142,7 +142,7 @@ def plots(report: dict, out_prefix: str) -> list[str]:
         ax2.set_xlabel("respaced step")
         ax2.set_ylabel("L")
         ax2b.set_ylabel("acceptance")
-        written.append(_save(fig, f"{out_prefix}_adaptive.png"))
+        written.append(save_figure(fig, f"{out_prefix}_adaptive.png"))
     return written
 
 

@@ -88,6 +88,11 @@ class EngineSet:
     manifests: dict[str, Manifest]
     settings: BuildSettings
 
+    def max_rows(self) -> dict[str, int]:
+        """The most rows each plan takes in one call (its profiles' largest maximum), from the
+        manifests: what the runtime checks a request against before sampling."""
+        return {g: max(p["rows"][2] for p in m.data["profiles"]) for g, m in self.manifests.items()}
+
 
 def open_engines(model_dir: Path, trt: TensorRT, out: Path | None = None, device_cc: str | None = "auto") -> EngineSet:
     """Check every plan of the unit; raise StalePlanError naming each reason if any must not be used."""

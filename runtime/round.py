@@ -282,7 +282,7 @@ class RoundRunner:
         self.num_steps = n
 
     # -- host-side plan: the same rule as the plan kernel ------------------------------------------------
-    def _windows(self, mb: MicroBatch) -> np.ndarray:
+    def windows(self, mb: MicroBatch) -> np.ndarray:
         step = mb.step
         active = step >= 0
         L = self.settings.window_at(np.where(active, step, 0))
@@ -291,32 +291,40 @@ class RoundRunner:
 
     def run(self, labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
         """Sample ``labels`` (sample i has label labels[i]); returns (samples [N, C, H, W], stats)."""
-        n_total = len(labels)
-        M = len(self.workspaces)
-        mbs = [MicroBatch(g, ws, [(i, int(labels[i])) for i in range(g, n_total, M)])
-               for g, ws in enumerate(self.workspaces)]
-        for mb in mbs:
-            self.maths.reserve_results(mb.ws, n_total)
+        mbs = self.begin(labels)
         in_flight: deque[MicroBatch] = deque()
-        for mb in mbs:
+        for mb in mbs:  # every micro-batch in flight: while one is verified, the next is drafted
             if mb.active:
-                self._fill(mb)
-                self._enqueue(mb)
+                self.fill(mb)
+                self.enqueue(mb)
                 in_flight.append(mb)
         while in_flight:
             mb = in_flight.popleft()
-            self._complete(mb)
+            self.complete(mb)
             if mb.active:
-                self._fill(mb)
-                self._enqueue(mb)
+                self.fill(mb)
+                self.enqueue(mb)
                 in_flight.append(mb)
+        return self.finish(mbs, labels)
+
+    def begin(self, labels: np.ndarray) -> list[MicroBatch]:
+        """Deal the samples into the micro-batches (sample i into micro-batch i mod M)."""
+        n_total, M = len(labels), len(self.workspaces)
+        for ws in self.workspaces:
+            self.maths.reserve_results(ws, n_total)
+        return [MicroBatch(g, ws, [(i, int(labels[i])) for i in range(g, n_total, M)])
+                for g, ws in enumerate(self.workspaces)]
+
+    def finish(self, mbs: list[MicroBatch], labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+        n_total, M = len(labels), len(mbs)
         samples = np.empty((n_total, *self.spec.state_shape), dtype=np.float32)
         for g, mb in enumerate(mbs):
             samples[g::M] = self.maths.results(mb.ws, n_total)[g::M]
         return samples, self._stats(mbs, labels)
 
     # -- one round ---------------------------------------------------------------------------------
-    def _fill(self, mb: MicroBatch) -> None:
+    def fill(self, mb: MicroBatch) -> None:
+        """Queued samples into the free slots (the starting noise is drawn where the maths runs)."""
         free = np.flatnonzero(mb.step < 0)
         n = min(len(free), len(mb.queue))
         if n == 0:
@@ -332,8 +340,9 @@ class RoundRunner:
             mb.step[slot], mb.has_parent[slot], mb.sample[slot], mb.started[slot] = self.num_steps - 1, False, sample, now
         self.maths.join(mb.ws, joins, labels, self.draft_lane)
 
-    def _enqueue(self, mb: MicroBatch) -> None:
-        windows = self._windows(mb)
+    def enqueue(self, mb: MicroBatch) -> None:
+        """Enqueue one round of ``mb``: its draft phase, then (after it) its verify phase."""
+        windows = self.windows(mb)
         live = windows[windows >= 0]
         rows = int(live.sum() + len(live))
         longest = int(live.max(initial=0))
@@ -375,7 +384,8 @@ class RoundRunner:
             return
         lane.submit(phase)
 
-    def _complete(self, mb: MicroBatch) -> None:
+    def complete(self, mb: MicroBatch) -> None:
+        """Wait for ``mb``'s round, read its report and update the host's schedule and log."""
         marks, windows, rows = mb.pending
         marks[-1].wait()
         report = self.maths.report(mb.ws)

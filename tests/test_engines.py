@@ -6,6 +6,7 @@ tests is a real one. What cannot run here is executing a plan; `freedit check` s
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,27 @@ def test_up_to_date_plans_are_kept_and_stale_ones_rebuilt(tmp_path, tiny_dit, rt
     rebuilt = build_directory(tmp_path, rtx, BuildSettings(batch_sizes=(2,), window=5), progress=False)
     assert rebuilt[0].action == "rebuilt" and "changed since" in rebuilt[0].reasons[0]
     open_engines(tmp_path, rtx, device_cc=None)
+
+
+def test_plans_too_small_for_the_request_are_refused_before_sampling(tmp_path, tiny_free_dir, rtx):
+    """`freedit build` defaults (batches 1 and 8, window 8) hold 16 drafter rows with CFG; the digits
+    model's generate defaults (batch 64, window 8) need 128: a one-line error up front, naming what to
+    change, instead of failing at round 2."""
+    from freedit.errors import CapacityError
+    from freedit.runtime.contract import ModelInfo
+    from freedit.runtime.round import RoundSpec, check_capacity
+
+    for name in ("dit.onnx", "drafter.onnx"):
+        shutil.copy(tiny_free_dir / name, tmp_path / name)
+    build_directory(tmp_path, rtx, BuildSettings(), progress=False)
+    rows = open_engines(tmp_path, rtx, device_cc=None).max_rows()
+    assert rows == {"dit": 8 * 9 * 2, "drafter": 8 * 2}
+    info = ModelInfo(input_size=16, in_channels=1, patch_size=4, hidden_size=96, num_classes=10, learn_sigma=True,
+                     cfg_mode="all")
+    with pytest.raises(CapacityError, match=r"engine 'dit' holds at most 144 rows, but batch 64 with window 8 needs "
+                                            r"1152.*lower --batch-size or --window, or rebuild the plans"):
+        check_capacity(rows, RoundSpec(info, slots=64, max_window=8, guided=True, drafter="free"), str(tmp_path))
+    check_capacity(rows, RoundSpec(info, slots=8, max_window=8, guided=True, drafter="free"), str(tmp_path))
 
 
 def test_runtime_refuses_foreign_or_mismatched_plans(tmp_path, tiny_dit, rtx):
