@@ -65,8 +65,6 @@ class NullBackend(Backend):
 
 
 class _NullBound(BoundEngine):
-    capturable = True
-
     def run(self, rows: int) -> None:
         pass
 

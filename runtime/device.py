@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,9 @@ class Stream:
                 self.device.host_errors.append(exc)
 
         cb = HOST_FN(trampoline)
-        self.device.keep_alive(cb)
+        # alive until it has run: with its graph when captured, else among the most recent ones (a host
+        # function on a device lane only occurs in the emulation, which runs it before returning)
+        (self.device._capture_keep if self.capturing() else self.device._recent).append(cb)
         self.device.check(self.device.lib.freedit_rt_launch_host_func(self.handle, cb, None), "launch host func")
 
 
@@ -113,10 +116,10 @@ class Event:
 
 
 class Graph:
-    """An instantiated CUDA graph (cudaGraphExec_t)."""
+    """An instantiated CUDA graph (cudaGraphExec_t), and the host callbacks its host nodes call."""
 
-    def __init__(self, device: "Device", handle: int):
-        self.device, self.handle = device, handle
+    def __init__(self, device: "Device", handle: int, callbacks: list):
+        self.device, self.handle, self.callbacks = device, handle, callbacks
 
     def launch(self, stream: Stream) -> None:
         self.device.check(self.device.lib.freedit_rt_graph_launch(self.handle, stream.handle), "graph launch")
@@ -140,7 +143,8 @@ class Device:
         self._streams: list[Stream] = []
         self._events: list[Event] = []
         self._graphs: list[Graph] = []
-        self._callbacks: list = []
+        self._recent: deque = deque(maxlen=4096)
+        self._capture_keep: list = []
         self.host_errors: list[BaseException] = []
 
     # -- errors, threads --------------------------------------------------------------------------
@@ -162,9 +166,6 @@ class Device:
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         self.check(self.lib.freedit_rt_mem_get_info(ctypes.byref(free), ctypes.byref(total)), "memory info")
         return free.value, total.value
-
-    def keep_alive(self, obj) -> None:
-        self._callbacks.append(obj)
 
     def raise_host_errors(self) -> None:
         if self.host_errors:
@@ -233,6 +234,7 @@ class Device:
         return e
 
     def begin_capture(self, stream: Stream) -> None:
+        self._capture_keep = []
         self.check(self.lib.freedit_rt_begin_capture(stream.handle), "cudaStreamBeginCapture")
 
     def end_capture(self, stream: Stream) -> Graph | None:
@@ -243,9 +245,15 @@ class Device:
             warnings.warn(f"CUDA graph capture failed ({self.kernels.error_name(code)}: "
                           f"{self.kernels.error_string(code)}); running plain launches", RuntimeWarning, stacklevel=3)
             return None
-        g = Graph(self, int(handle.value))
+        g = Graph(self, int(handle.value), self._capture_keep)
+        self._capture_keep = []
         self._graphs.append(g)
         return g
+
+    def destroy(self, graph: Graph) -> None:
+        if graph in self._graphs:
+            self._graphs.remove(graph)
+            self.check(self.lib.freedit_rt_graph_destroy(graph.handle), "cudaGraphExecDestroy")
 
     # -- counters ---------------------------------------------------------------------------------------
     def counters(self) -> tuple[int, int, int]:
@@ -274,4 +282,4 @@ class Device:
         for ptr in list(self._pinned):
             self.lib.freedit_rt_host_free(ptr)
         self._graphs, self._events, self._streams, self._buffers, self._pinned = [], [], [], {}, {}
-        self._callbacks = []
+        self._recent.clear()

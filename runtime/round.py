@@ -29,7 +29,6 @@ import numpy as np
 
 from freedit.errors import CapacityError, ModelOutputError
 from freedit.runtime.contract import ModelInfo
-from freedit.runtime.ops import guided_channels
 from freedit.runtime.schedule import Schedule
 
 #: Residual proposals: the attempt number goes in the high bits of the noise purpose.

@@ -13,11 +13,10 @@ import warnings
 
 import numpy as np
 
-from freedit.runtime import noise
 from freedit.runtime.device import D2H, H2D, Device, DeviceBuffer
 from freedit.runtime.kernels import VARIANCE_CODES, CudaError
 from freedit.runtime.ops import guided_channels
-from freedit.runtime.round import ATTEMPT_SHIFT, RoundMaths, RoundSettings, RoundSpec, Workspace, layout
+from freedit.runtime.round import RoundMaths, RoundSettings, RoundSpec, Workspace, layout
 from freedit.runtime.streams import DeviceLane
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -134,8 +133,7 @@ class DeviceRoundMaths(RoundMaths):
         d.num_steps, d.window, d.ddim = n, int(settings.window), int(settings.ddim)
         d.cfg_scale, d.relax, d.seed = float(settings.cfg_scale), float(settings.relax), int(settings.seed)
         ws.settings = settings
-        ws.graphs.clear()  # captured graphs hold the old scalars
-        ws.seen.clear()
+        self._drop_graphs(ws)  # captured graphs hold the old scalars
 
     def reserve_results(self, ws: Workspace, n: int) -> None:
         if ws.results_buffer is None or ws.results_buffer.shape[0] < n:
@@ -143,8 +141,14 @@ class DeviceRoundMaths(RoundMaths):
                 self.device.free(ws.results_buffer)
             ws.results_buffer = self.device.alloc((n, *ws.spec.state_shape), np.float32)
             ws.descriptor.results, ws.descriptor.results_rows = ws.results_buffer.ptr, n
-            ws.graphs.clear()
-            ws.seen.clear()
+            self._drop_graphs(ws)  # they wrote to the old buffer
+
+    def _drop_graphs(self, ws: Workspace) -> None:
+        for graph in ws.graphs.values():
+            if graph is not None:
+                self.device.destroy(graph)
+        ws.graphs.clear()
+        ws.seen.clear()
 
     def lanes(self, overlap: bool, timing: bool) -> tuple:
         return DeviceLane(self.device, "draft", timing), DeviceLane(self.device, "verify", timing)
@@ -230,7 +234,3 @@ class DeviceRoundMaths(RoundMaths):
         graph.launch(lane.stream)
         return True
 
-
-def residual_keys() -> tuple[int, int, int]:
-    """The residual's noise purposes and attempt shift, as round.cu hard-codes them."""
-    return int(noise.Purpose.RESIDUAL), int(noise.Purpose.RESIDUAL_ACCEPT), ATTEMPT_SHIFT
