@@ -46,10 +46,12 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stats:
         check_writable(args.stats)
     model = args.model or default_model_dir()
-    pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads)
+    pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads, precision=args.precision,
+                                   device_id=args.device)
     result = pipe.generate(labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
                            batch_size=args.batch_size, window=args.window, relax=args.relax,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, micro_batches=args.micro_batches, maths=args.maths,
+                           graphs=not args.no_graphs)
     save_png(make_grid(result.images, ncol=args.per_class if args.per_class > 1 else min(10, len(labels)),
                        scale=args.scale), out)
     if args.samples_dir:
@@ -386,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="onnxruntime", help="onnxruntime, onnxruntime-cuda, torch, torch-compiled, "
                    "torch-cuda, torch-cuda-compiled or tensorrt (plans from `freedit build`)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime or torch (default: up to 8)")
+    g.add_argument("--maths", default="auto", choices=["auto", "numpy", "device"],
+                   help="where the round's sampling maths runs: device (the CUDA kernels, features kept on the GPU; "
+                        "without a GPU their host emulation), numpy (the host), auto (device for GPU backends)")
+    g.add_argument("--no-graphs", action="store_true", help="device maths: plain launches, no CUDA graph replay")
+    g.add_argument("--micro-batches", type=int, default=1,
+                   help="batches in flight: one is drafted while another is verified (FREE samplers)")
+    g.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16"],
+                   help="torch backends' compute precision (ONNX Runtime and TensorRT run the graph's own)")
+    g.add_argument("--device", type=int, default=0, help="the GPU of the GPU backends")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
