@@ -343,7 +343,11 @@ class Emulation:
     SCHEDULES = {"fifo": 0, "lifo": 1, "random": 2}
 
     def __init__(self, lib: ctypes.CDLL):
+        """``lib``: any library built with the shim (the kernels, or the shim's test probes)."""
         self.lib = lib
+        for name, (argtypes, restype) in _EMULATION_SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
 
     def set_null_launch(self, on: bool) -> bool:
         """Launches validated, counted, captured and replayed, but no kernel body runs (host-overhead
@@ -419,10 +423,6 @@ class Kernels:
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
         self.lib.freedit_launch_count.argtypes, self.lib.freedit_launch_count.restype = [], ctypes.c_longlong
         self.lib.freedit_copy_bytes.argtypes, self.lib.freedit_copy_bytes.restype = [_PLL, _PLL], None
-        if self.emulated:
-            for name, (argtypes, restype) in _EMULATION_SIGNATURES.items():
-                fn = getattr(self.lib, name)
-                fn.argtypes, fn.restype = argtypes, restype
         self.emulation = Emulation(self.lib) if self.emulated else None
         self._pointer_queries = True  # off once the driver says it cannot answer (no GPU)
 

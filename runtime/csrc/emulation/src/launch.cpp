@@ -38,7 +38,7 @@ constexpr size_t kMaxSharedBytes = 48 * 1024;  // dynamic shared memory per bloc
 constexpr size_t kStackBytes = FREEDIT_EMU_STACK_BYTES;
 
 std::atomic<int> g_null_launch{0};
-std::atomic<int> g_policy{FREEDIT_EMU_SCHEDULE_LIFO};
+std::atomic<int> g_policy{FREEDIT_EMU_SCHEDULE_RANDOM};
 std::atomic<unsigned long long> g_seed{0x5EED5EEDull};
 std::atomic<unsigned long long> g_launch_serial{0};
 std::atomic<long long> g_grids{0}, g_blocks{0}, g_threads{0};
