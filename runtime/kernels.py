@@ -206,6 +206,16 @@ def find_library(emulated: bool = False) -> Path:
     raise KernelsNotFound(f"the freedit {what} ({name}) is not built; searched\n{searched}\n{build_help}")
 
 
+def load_probes(path: str | os.PathLike) -> ctypes.CDLL:
+    """The emulation's probe library (tests and the launch-cost benchmark), with ``.emulation``."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in PROBE_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.emulation = Emulation(lib)
+    return lib
+
+
 @dataclass(frozen=True)
 class EmulatedBuild:
     """What :func:`build_emulated` made: the library, the shim's test probes, the build log."""
@@ -306,6 +316,22 @@ _EMULATION_SIGNATURES = {
     "freedit_emulation_last_error": ([_I], _I),
     "freedit_emulation_last_error_detail": ([], ctypes.c_char_p),
 }
+#: The shim's test kernels (runtime/csrc/emulation/probes.cu): each launches once, returns cudaGetLastError().
+_SZ_T = ctypes.c_size_t
+PROBE_SIGNATURES = {
+    "probe_empty": [_U, _U, _P],
+    "probe_configured": [_P, _P, _SZ_T, _P],
+    "probe_neighbours": [_U, _U, _I, _I, _P],
+    "probe_shuffles": [_U, _U, _I, _I, _I, _U, _U, _I, _P],
+    "probe_warp_sum": [_U, _U, _P, _P],
+    "probe_shared_per_block": [_U, _U, _I, _P],
+    "probe_atomics": [_U, _U, _P],
+    "probe_counters_size": [],
+    "probe_indices": [_P, _P, _P],
+    "probe_convert": [_P, _I, _P, _P, _P, _P],
+    "probe_barrier_votes": [_U, _P, _I, _P],
+    "probe_stuck": [_I, _U, _P],
+}
 #: Every symbol the library exports (the C ABI).
 ENTRY_POINTS = ("freedit_kernels_abi_version", "freedit_error_string", "freedit_error_name", "freedit_device_count",
                 "freedit_pointer_memory_type", "freedit_launch_count", "freedit_copy_bytes", *_SIGNATURES,
@@ -340,7 +366,7 @@ def _int32(value: int, what: str) -> int:
 class Emulation:
     """The knobs of the emulated library (``Kernels.emulation``; None on the CUDA build)."""
 
-    SCHEDULES = {"fifo": 0, "lifo": 1, "random": 2}
+    SCHEDULES = {"fifo": 0, "lifo": 1, "random": 2, "mixed": 3}
 
     def __init__(self, lib: ctypes.CDLL):
         """``lib``: any library built with the shim (the kernels, or the shim's test probes)."""
@@ -363,8 +389,10 @@ class Emulation:
             self.set_null_launch(previous)
 
     def set_schedule(self, policy: str, seed: int = 0x5EED5EED) -> None:
-        """The order in which a block's runnable CUDA threads are resumed: 'fifo', 'lifo' or 'random'
-        (seeded). A race between threads of a block shows up only in some orders."""
+        """The order in which a block's runnable CUDA threads are resumed: 'fifo' (threads run behind
+        each other), 'lifo' (a thread runs ahead), 'random' (seeded, at every switch; slower) or
+        'mixed' (the default: each block FIFO or LIFO at random). A race between threads of a block
+        shows up only in some orders."""
         if policy not in self.SCHEDULES:
             raise ValueError(f"unknown schedule {policy!r}; choose one of {', '.join(self.SCHEDULES)}")
         code = self.lib.freedit_emulation_set_schedule(self.SCHEDULES[policy], int(seed) & 0xFFFFFFFFFFFFFFFF)

@@ -25,41 +25,18 @@ from freedit.runtime import kernels, noise, ops
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULES = tuple(kernels.Emulation.SCHEDULES)
-_P, _I, _U, _SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t
-PROBE_SIGNATURES = {
-    "probe_empty": [_U, _U, _P],
-    "probe_configured": [_P, _P, _SZ, _P],
-    "probe_neighbours": [_U, _U, _I, _I, _P],
-    "probe_shuffles": [_U, _U, _I, _I, _I, _U, _U, _I, _P],
-    "probe_warp_sum": [_U, _U, _P, _P],
-    "probe_shared_per_block": [_U, _U, _I, _P],
-    "probe_atomics": [_U, _U, _P],
-    "probe_counters_size": [],
-    "probe_indices": [_P, _P, _P],
-    "probe_convert": [_P, _I, _P, _P, _P, _P],
-    "probe_barrier_votes": [_U, _P, _I, _P],
-    "probe_stuck": [_I, _U, _P],
-}
-
-
-def _probes(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    for name, argtypes in PROBE_SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, _I
-    lib.emulation = kernels.Emulation(lib)
-    return lib
 
 
 @pytest.fixture(scope="session")
 def probes(emulated_build):
-    return _probes(emulated_build.probes)
+    return kernels.load_probes(emulated_build.probes)
 
 
 @pytest.fixture
 def emu(emulated_kernels):
     """The emulated kernels with the default settings restored afterwards (and no stale error)."""
     yield emulated_kernels
-    emulated_kernels.emulation.set_schedule("random")
+    emulated_kernels.emulation.set_schedule("mixed")
     emulated_kernels.emulation.set_null_launch(False)
     emulated_kernels.emulation.set_threads(0)
     emulated_kernels.emulation.last_error(reset=True)
@@ -68,7 +45,7 @@ def emu(emulated_kernels):
 @pytest.fixture
 def probe(probes):
     yield probes
-    probes.emulation.set_schedule("random")
+    probes.emulation.set_schedule("mixed")
     probes.emulation.set_null_launch(False)
     probes.emulation.set_threads(0)
 
@@ -661,16 +638,19 @@ def test_capture_rules_invalidate_the_capture(emu):
 MUTANTS = {
     "block_sum_without_first_barrier": (
         "common.cuh", "  __syncthreads();  // scratch may still be read by a previous call\n", "",
-        {"checks": ["reflect"], "schedules": ["lifo"]}),
+        {"checks": ["reflect"], "schedules": ["lifo", "mixed"]}),
     "philox_wrong_multiplier": (
         "common.cuh", "kPhiloxM0 = 0xD2511F53u", "kPhiloxM0 = 0xD2511F57u",
         {"checks": ["philox", "residual"], "schedules": list(SCHEDULES)}),
     "accept_scan_off_by_one": (
         "coupling.cu", "threadIdx.x >= offset ? scan", "threadIdx.x > offset ? scan",
         {"checks": ["accept_window"], "schedules": list(SCHEDULES)}),
+    "accept_scan_without_barrier": (
+        "coupling.cu", "      __syncthreads();\n      scan[threadIdx.x] += add;\n", "      scan[threadIdx.x] += add;\n",
+        {"checks": ["accept_window"], "schedules": ["fifo", "random", "mixed"]}),
     "residual_vote_without_barrier": (
         "coupling.cu", "    if (lane == 0) keep[warp] = ok;\n    __syncthreads();\n", "    if (lane == 0) keep[warp] = ok;\n",
-        {"checks": ["residual"], "schedules": ["fifo", "random"]}),
+        {"checks": ["residual"], "schedules": ["fifo", "random", "mixed"]}),
     "shim_shared_memory_global": (
         "emulation/include/freedit_emu_device.h", "#define __shared__ static thread_local", "#define __shared__ static",
         {"probe": "shared"}),
@@ -703,7 +683,7 @@ def mutants(tmp_path_factory, emulated_build):
 def test_planted_bug_is_caught(mutants, mutant):
     catch = MUTANTS[mutant][3]
     if "probe" in catch:
-        lib = _probes(mutants[mutant])
+        lib = kernels.load_probes(mutants[mutant])
         if catch["probe"] == "shared":
             lib.emulation.set_threads(4)
             out = np.zeros(64, dtype=np.int32)

@@ -9,11 +9,14 @@
 #endif
 
 // Order in which the scheduler resumes the runnable CUDA threads of a block: FIFO (in thread
-// order), LIFO (the most recently released first, so a thread runs ahead of the others), or a
-// seeded random pick. A race between threads of a block shows up only in some orders.
+// order: threads run behind each other), LIFO (the most recently released first: a thread runs
+// ahead of the others), a seeded random pick at every switch (thorough, about twice as slow:
+// no cache locality), or MIXED (the default): each block FIFO or LIFO at random, so one launch
+// exercises both. A race between threads of a block shows up only in some orders.
 #define FREEDIT_EMU_SCHEDULE_FIFO 0
 #define FREEDIT_EMU_SCHEDULE_LIFO 1
 #define FREEDIT_EMU_SCHEDULE_RANDOM 2
+#define FREEDIT_EMU_SCHEDULE_MIXED 3
 
 #ifdef __cplusplus
 extern "C" {

@@ -38,7 +38,7 @@ constexpr size_t kMaxSharedBytes = 48 * 1024;  // dynamic shared memory per bloc
 constexpr size_t kStackBytes = FREEDIT_EMU_STACK_BYTES;
 
 std::atomic<int> g_null_launch{0};
-std::atomic<int> g_policy{FREEDIT_EMU_SCHEDULE_RANDOM};
+std::atomic<int> g_policy{FREEDIT_EMU_SCHEDULE_MIXED};
 std::atomic<unsigned long long> g_seed{0x5EED5EEDull};
 std::atomic<unsigned long long> g_launch_serial{0};
 std::atomic<long long> g_grids{0}, g_blocks{0}, g_threads{0};
@@ -299,8 +299,10 @@ class Worker {
     alive_ = n;
     at_barrier_ = barrier_true_ = 0;
     aborted_ = false;
-    policy_ = run.policy;
     rng_ = run.seed ^ (b * 0xD6E8FEB86659FD93ull);
+    policy_ = run.policy;
+    if (policy_ == FREEDIT_EMU_SCHEDULE_MIXED)
+      policy_ = (splitmix(rng_) & 1) ? FREEDIT_EMU_SCHEDULE_LIFO : FREEDIT_EMU_SCHEDULE_FIFO;
 
     if (ThreadCtx* first = pick()) enter(first, &sched_ctx_);  // back here once nothing can run
     if (!aborted_ && alive_ > 0) run.fail(describe_stuck());
@@ -322,8 +324,8 @@ class Worker {
       case FREEDIT_EMU_SCHEDULE_LIFO:
         t = queue_.pop_back();
         break;
-      default:
-        t = queue_.pop_at(static_cast<unsigned>(splitmix(rng_) % queue_.size()));
+      default:  // a uniform position without a division
+        t = queue_.pop_at(static_cast<unsigned>(((splitmix(rng_) >> 32) * queue_.size()) >> 32));
     }
     return &threads_[t];
   }
@@ -683,7 +685,7 @@ using namespace freedit_emu;
 extern "C" int freedit_emulation_set_null_launch(int on) { return g_null_launch.exchange(on ? 1 : 0); }
 
 extern "C" int freedit_emulation_set_schedule(int policy, unsigned long long seed) {
-  if (policy < FREEDIT_EMU_SCHEDULE_FIFO || policy > FREEDIT_EMU_SCHEDULE_RANDOM) return cudaErrorInvalidValue;
+  if (policy < FREEDIT_EMU_SCHEDULE_FIFO || policy > FREEDIT_EMU_SCHEDULE_MIXED) return cudaErrorInvalidValue;
   g_policy.store(policy);
   g_seed.store(seed);
   return cudaSuccess;
