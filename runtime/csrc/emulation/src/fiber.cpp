@@ -2,7 +2,7 @@
 
 #include <stdint.h>
 
-#if defined(__x86_64__)
+#if FREEDIT_EMU_X86_64_FIBERS
 // freedit_emu_switch(void** save_sp, void* load_sp): pushes the callee-saved registers (System V),
 // stores the stack pointer, loads the other one and pops its registers. The FPU control words are
 // not switched: no CUDA thread changes them.

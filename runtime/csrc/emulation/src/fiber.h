@@ -4,14 +4,17 @@
 
 #include <stddef.h>
 
-#if !defined(__x86_64__)
+// FREEDIT_EMU_PORTABLE_FIBERS forces the ucontext version (tests of the fallback on x86-64).
+#if defined(__x86_64__) && !defined(FREEDIT_EMU_PORTABLE_FIBERS)
+#define FREEDIT_EMU_X86_64_FIBERS 1
+#else
 #include <ucontext.h>
 #endif
 
 namespace freedit_emu {
 
 struct Context {
-#if defined(__x86_64__)
+#if FREEDIT_EMU_X86_64_FIBERS
   void* sp = nullptr;
 #else
   ucontext_t uc;
