@@ -114,13 +114,14 @@ def measure(path: str, shape: str, batch: int, window: int, rounds: int, warmup:
         runner = RoundRunner(maths, [ws], settings, lanes, capture=graphs)
         mb = runner.begin(np.arange(batch) % info.num_classes)[0]
         runner.fill(mb)
-        host, launches, h2d, d2h = [], [], [], []
+        host, launches, graph_launches, h2d, d2h = [], [], [], [], []
         for r in range(warmup + rounds):
             windows = runner.windows(mb)
             live = windows >= 0
             rows = int((windows[live] + 1).sum())
             counts = tuple(int((windows[live] >= k).sum()) for k in range(1, int(windows.max(initial=0)) + 1))
             c0 = device.counters() if device else None
+            g0 = device.graph_launches if device else 0
             t0 = time.perf_counter()
             runner.enqueue(mb)
             t1 = time.perf_counter()
@@ -128,7 +129,7 @@ def measure(path: str, shape: str, batch: int, window: int, rounds: int, warmup:
                 rep = ws.report_host
                 rep[:spec.slots, 0] = np.where(live, mb.step - windows - 1, rep[:spec.slots, 0])
                 rep[:spec.slots, 1] = np.where(live, windows, 0)
-                rep[:spec.slots, 2:] = 0
+                rep[:spec.slots, 2:] = 0  # no proposals, no flags
                 rep[spec.slots, 0] = rows
             t2 = time.perf_counter()
             runner.complete(mb)
@@ -139,11 +140,13 @@ def measure(path: str, shape: str, batch: int, window: int, rounds: int, warmup:
             if device is not None:
                 c1 = device.counters()
                 launches.append(c1[0] - c0[0])
+                graph_launches.append(device.graph_launches - g0)
                 h2d.append(c1[1] - c0[1])
                 d2h.append(c1[2] - c0[2])
             else:
                 a, b = engine_io_bytes(spec, rows, counts)
                 launches.append(0)
+                graph_launches.append(0)
                 h2d.append(a)
                 d2h.append(b)
         for lane in lanes:
@@ -156,6 +159,7 @@ def measure(path: str, shape: str, batch: int, window: int, rounds: int, warmup:
             "rounds": rounds, "host_ms_per_round": 1e3 * statistics.median(host),
             "host_ms_per_round_mean": 1e3 * statistics.fmean(host),
             "kernel_launches_per_round": statistics.fmean(launches),
+            "graph_launches_per_round": statistics.fmean(graph_launches),
             "h2d_bytes_per_round": statistics.fmean(h2d), "d2h_bytes_per_round": statistics.fmean(d2h),
             "bytes_per_sample_per_round": (statistics.fmean(h2d) + statistics.fmean(d2h)) / batch}
 

@@ -22,7 +22,7 @@ from freedit.runtime.streams import DeviceLane
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 #: runtime/csrc/freedit_kernels.h ``freedit_round``, field for field.
-_POINTERS = ("window_table", "table", "timesteps", "ddim_table", "x", "step", "has_parent", "sample", "label",
+_POINTERS = ("window_table", "table", "timesteps", "ddim_table", "relax_table", "x", "step", "has_parent", "sample", "label",
              "parent_feat", "parent_eps", "window_of", "first_row", "row_slot", "row_pos", "row_step", "draft_src",
              "draft_prev", "slot_rank", "v_x", "v_t", "v_y", "v_eps", "v_feat", "d_feat", "d_x", "d_t", "d_tfeat",
              "d_y", "d_feat_out", "d_eps", "mean_p", "log_var_p", "mean_q", "log_var_q", "eps_q", "log_r", "uniform",
@@ -116,6 +116,7 @@ class DeviceRoundMaths(RoundMaths):
             "table": sched.transition_table().astype(np.float32),
             "timesteps": np.append(sched.timesteps, sched.timesteps[-1]).astype(np.float32),
             "ddim_table": np.stack([np.sqrt(abar_prev), np.sqrt(1.0 - abar_prev)], axis=1).astype(np.float32),
+            "relax_table": np.stack([sched.posterior_log_variance_clipped, sched.log_betas], axis=1),
         }
         if settings.window_schedule is not None:
             tables["window_table"] = np.asarray(settings.window_schedule, dtype=np.int32)
@@ -127,7 +128,7 @@ class DeviceRoundMaths(RoundMaths):
                 buf = ws.tables[name] = self.device.alloc(host.shape, host.dtype)
             self.device.upload(host, buf)
         d = ws.descriptor
-        for name in ("table", "timesteps", "ddim_table"):
+        for name in ("table", "timesteps", "ddim_table", "relax_table"):
             setattr(d, name, ws.tables[name].ptr)
         d.window_table = ws.tables["window_table"].ptr if settings.window_schedule is not None else None
         d.num_steps, d.window, d.ddim = n, int(settings.window), int(settings.ddim)
