@@ -260,6 +260,11 @@ def _float_list(text: str, what: str) -> list[float]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.host_overhead:
+        from freedit.benchmarks import host_overhead
+
+        return host_overhead.main(["--out", args.out if args.out != "bench_results" else
+                                   "benchmarks/results/host_overhead"])
     from freedit.benchmarks.bench_report import write
     from freedit.benchmarks.harness import BenchConfig, run_bench
 
@@ -484,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--pilot-n", type=int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
     k.add_argument("--out", default="bench_results", help="output folder")
     k.add_argument("--name", default="bench", help="file stem of the outputs")
+    k.add_argument("--host-overhead", action="store_true",
+                   help="instead: the host's work per FREE round, numpy path vs device path, at digits and DiT-XL/2 "
+                        "shapes (benchmarks/host_overhead.py; --out default benchmarks/results/host_overhead)")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
     k.set_defaults(func=_bench)
 

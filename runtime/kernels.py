@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from freedit.errors import FreeditError
+
 #: The ABI this binding speaks (FREEDIT_KERNELS_ABI_VERSION in runtime/csrc/freedit_kernels.h).
 ABI_VERSION = 3
 LIB_NAME = "libfreedit_kernels.so"
@@ -71,6 +73,10 @@ _INT_MAX = 2**31 - 1
 
 class KernelsNotFound(FileNotFoundError):
     """libfreedit_kernels.so is not built or not where it is searched."""
+
+
+class KernelsMismatch(FreeditError, RuntimeError):
+    """A library of another ABI version, or without this binding's entry points (a stale build)."""
 
 
 class CudaError(RuntimeError):
@@ -435,11 +441,11 @@ class Kernels:
         build_help = _flavour(self.emulated)[3]
         missing = [name for name in ENTRY_POINTS if not hasattr(self.lib, name)]
         if missing:
-            raise RuntimeError(f"{self.path} lacks {', '.join(missing)}: an old or foreign build; {build_help}")
+            raise KernelsMismatch(f"{self.path} lacks {', '.join(missing)}: an old or foreign build; {build_help}")
         self.lib.freedit_kernels_abi_version.restype = ctypes.c_int
         self.abi_version = int(self.lib.freedit_kernels_abi_version())
         if self.abi_version != ABI_VERSION:
-            raise RuntimeError(f"{self.path} has kernels ABI version {self.abi_version}, this binding needs "
+            raise KernelsMismatch(f"{self.path} has kernels ABI version {self.abi_version}, this binding needs "
                                f"{ABI_VERSION} (a stale build); {build_help}")
         for name in ("freedit_error_string", "freedit_error_name"):
             getattr(self.lib, name).restype = ctypes.c_char_p

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 from freedit.runtime.device import D2H, H2D, Device, DeviceBuffer
-from freedit.runtime.kernels import VARIANCE_CODES, CudaError
+from freedit.runtime.kernels import VARIANCE_CODES, CudaError, KernelsMismatch
 from freedit.runtime.ops import guided_channels
 from freedit.runtime.round import RoundMaths, RoundSettings, RoundSpec, Workspace, layout
 from freedit.runtime.streams import DeviceLane
@@ -61,7 +61,8 @@ class DeviceRoundMaths(RoundMaths):
         lib = device.lib
         missing = [name for name in _ENTRIES if not hasattr(lib, name)]
         if missing:
-            raise RuntimeError(f"{device.kernels.path} lacks the round's entry points ({', '.join(missing)}): rebuild it")
+            raise KernelsMismatch(f"{device.kernels.path} lacks the round's entry points ({', '.join(missing)}): "
+                                  f"a stale build; rebuild it")
         for name, argtypes in _ENTRIES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, _I

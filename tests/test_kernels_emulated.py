@@ -649,7 +649,7 @@ MUTANTS = {
         "coupling.cu", "      __syncthreads();\n      scan[threadIdx.x] += add;\n", "      scan[threadIdx.x] += add;\n",
         {"checks": ["accept_window"], "schedules": ["fifo", "random", "mixed"]}),
     "residual_vote_without_barrier": (
-        "coupling.cu", "    if (lane == 0) keep[warp] = ok;\n    __syncthreads();\n", "    if (lane == 0) keep[warp] = ok;\n",
+        "round_maths.cuh", "    if (lane == 0) keep[warp] = ok;\n    __syncthreads();\n", "    if (lane == 0) keep[warp] = ok;\n",
         {"checks": ["residual"], "schedules": ["fifo", "random", "mixed"]}),
     "shim_shared_memory_global": (
         "emulation/include/freedit_emu_device.h", "#define __shared__ static thread_local", "#define __shared__ static",

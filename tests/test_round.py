@@ -4,6 +4,7 @@ workspaces, then end to end on the digits model, with plain launches, CUDA graph
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -341,3 +342,24 @@ def test_capacity_is_checked_before_sampling(tmp_path):
         check_capacity({"dit": 2000, "drafter": 16}, spec, "plans")
     check_capacity({"dit": 144, "drafter": 16}, RoundSpec(INFO, slots=8, max_window=8, guided=True, drafter="free"),
                    "plans")
+
+
+def test_host_overhead_benchmark_schema(emulation_found, tmp_path):
+    """A tiny run of `freedit bench --host-overhead`'s measurement: the device path's host work per
+    round is a handful of launches and a 20-byte report per slot; the numpy path launches nothing."""
+    from freedit.benchmarks import host_overhead
+
+    entries = [host_overhead.measure(path, "digits", 2, 3, rounds=2, graphs=graphs)
+               for path, graphs in (("numpy", False), ("device", False), ("device", True))]
+    keys = {"path", "host_ms_per_round", "kernel_launches_per_round", "h2d_bytes_per_round", "d2h_bytes_per_round"}
+    assert all(keys <= set(e) for e in entries)
+    numpy_path, plain, graphed = entries
+    assert numpy_path["kernel_launches_per_round"] == 0 and numpy_path["h2d_bytes_per_round"] > 0
+    # plan + stage + 3 x (drafter inputs + draft step) + verify + decide + commit
+    assert plain["kernel_launches_per_round"] == graphed["kernel_launches_per_round"] == 11
+    assert graphed["graph_launches_per_round"] == 2 and plain["graph_launches_per_round"] == 0
+    assert plain["d2h_bytes_per_round"] == graphed["d2h_bytes_per_round"] == (2 + 1) * 5 * 4
+    assert plain["h2d_bytes_per_round"] == 0
+    files = host_overhead.write(entries, tmp_path, "test")
+    assert all(p.is_file() for p in files)
+    assert json.loads(files[0].read_text())["entries"][1]["path"] == "device"
