@@ -363,3 +363,18 @@ def test_host_overhead_benchmark_schema(emulation_found, tmp_path):
     files = host_overhead.write(entries, tmp_path, "test")
     assert all(p.is_file() for p in files)
     assert json.loads(files[0].read_text())["entries"][1]["path"] == "device"
+
+
+def test_torch_backend_binds_the_device_round(bundled_dir, emulation_found):
+    """The torch backend's bound path on device buffers (host memory in the emulation): the same
+    decisions and images as its numpy path."""
+    pytest.importorskip("torch")
+    from freedit.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_directory(bundled_dir, backend="torch", threads=1)
+    args = dict(steps=20, seed=6, window=3, batch_size=3)
+    host = pipe.generate([0, 5, 8], maths="numpy", **args)
+    dev = pipe.generate([0, 5, 8], maths="device", **args)
+    assert _decisions(dev) == _decisions(host)
+    np.testing.assert_allclose(dev.samples, host.samples, rtol=1e-4, atol=1e-4)
+    pipe.close()
