@@ -101,7 +101,7 @@ def measure(path: str, shape: str, batch: int, window: int, rounds: int, warmup:
         from freedit.runtime.round_device import DeviceRoundMaths
 
         k = kernels.load(emulated=True)
-        k.lib.freedit_emulation_set_null_launch(1)
+        k.emulation.set_null_launch(True)
         device = Device(k)
         maths = DeviceRoundMaths(device)
     try:
@@ -156,7 +156,7 @@ def measure(path: str, shape: str, batch: int, window: int, rounds: int, warmup:
     finally:
         if device is not None:
             device.close()
-            device.kernels.lib.freedit_emulation_set_null_launch(0)
+            device.kernels.emulation.set_null_launch(False)
     return {"path": path, "graphs": graphs, "shape": shape, "model": MODELS[shape], "batch": batch, "window": window,
             "rounds": rounds, "host_ms_per_round": 1e3 * statistics.median(host),
             "host_ms_per_round_mean": 1e3 * statistics.fmean(host),

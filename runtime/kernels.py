@@ -321,6 +321,7 @@ _EMULATION_SIGNATURES = {
     "freedit_emulation_counters": ([_PLL, _PLL, _PLL], None),
     "freedit_emulation_last_error": ([_I], _I),
     "freedit_emulation_last_error_detail": ([], ctypes.c_char_p),
+    "freedit_emulation_set_device_count": ([_I], _I),
 }
 #: The shim's test kernels (runtime/csrc/emulation/probes.cu): each launches once, returns cudaGetLastError().
 _SZ_T = ctypes.c_size_t
@@ -340,7 +341,7 @@ PROBE_SIGNATURES = {
 }
 #: Every symbol the library exports (the C ABI).
 ENTRY_POINTS = ("freedit_kernels_abi_version", "freedit_error_string", "freedit_error_name", "freedit_device_count",
-                "freedit_pointer_memory_type", "freedit_launch_count", "freedit_copy_bytes", *_SIGNATURES,
+                "freedit_pointer_memory_type", "freedit_pointer_device", "freedit_launch_count", "freedit_copy_bytes", *_SIGNATURES,
                 *_HOST_SIGNATURES, *_RUNTIME_SIGNATURES)
 
 
@@ -405,6 +406,14 @@ class Emulation:
         if code:
             raise RuntimeError(f"freedit_emulation_set_schedule returned {code}")
 
+    def set_device_count(self, count: int) -> int:
+        """How many devices the emulation reports (default 1); returns the previous count. Device
+        memory remembers the current device of the thread that allocated it."""
+        previous = self.lib.freedit_emulation_set_device_count(int(count))
+        if previous < 0 or int(count) < 1:
+            raise ValueError(f"device count must be >= 1, got {count}")
+        return previous
+
     def set_threads(self, threads: int) -> None:
         """Host threads that run blocks, the launching one included (0: the CPU count or $FREEDIT_EMU_THREADS)."""
         if not 0 <= int(threads) <= 1024:
@@ -452,6 +461,7 @@ class Kernels:
             getattr(self.lib, name).argtypes = [ctypes.c_int]
         self.lib.freedit_device_count.argtypes = [ctypes.POINTER(ctypes.c_int)]
         self.lib.freedit_pointer_memory_type.argtypes = [_P, ctypes.POINTER(ctypes.c_int)]
+        self.lib.freedit_pointer_device.argtypes = [_P, ctypes.POINTER(ctypes.c_int)]
         for name, argtypes in {**_SIGNATURES, **_HOST_SIGNATURES, **_RUNTIME_SIGNATURES}.items():
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
@@ -506,6 +516,13 @@ class Kernels:
         kind = self.memory_type(arr.ptr)
         if kind is not None and kind not in ("device memory", "managed memory"):
             raise ValueError(f"{name}: pointer {arr.ptr:#x} is {kind}, not device memory; copy it to the GPU first")
+        if kind == "device memory":
+            where, current = ctypes.c_int(-1), ctypes.c_int(-1)
+            if (self.lib.freedit_pointer_device(ctypes.c_void_p(arr.ptr), ctypes.byref(where)) == 0
+                    and self.lib.freedit_rt_get_device(ctypes.byref(current)) == 0 and where.value != current.value):
+                raise ValueError(f"{name}: device memory of GPU {where.value}, but the kernels run on GPU "
+                                 f"{current.value} (the current device); copy it there or make GPU {where.value} "
+                                 f"current")
         return arr
 
     @staticmethod

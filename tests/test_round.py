@@ -378,3 +378,28 @@ def test_torch_backend_binds_the_device_round(bundled_dir, emulation_found):
     assert _decisions(dev) == _decisions(host)
     np.testing.assert_allclose(dev.samples, host.samples, rtol=1e-4, atol=1e-4)
     pipe.close()
+
+
+def test_device_memory_of_another_gpu_is_refused(emulated_kernels):
+    """A device array on the wrong device: one line naming both GPUs, before any launch (the
+    emulation reports two devices here; each allocation remembers its device)."""
+    from freedit.runtime.device import Device
+
+    emu = emulated_kernels.emulation
+    previous = emu.set_device_count(2)
+    try:
+        on_one = Device(emulated_kernels, device_id=1)
+        a = on_one.alloc((2, 8), "float32")
+        b = on_one.alloc((2, 8), "float32")
+        on_zero = Device(emulated_kernels, device_id=0)  # makes GPU 0 current on this thread
+        with pytest.raises(ValueError, match=r"mean: device memory of GPU 1, but the kernels run on GPU 0"):
+            emulated_kernels.ddpm_step(a, a, on_zero.alloc((2,), "int32"), b, b)
+        on_one.make_current()
+        emulated_kernels.ddpm_step(a, a, on_one.alloc((2,), "int32"), b, b)  # same device: accepted
+        with pytest.raises(ValueError, match="device 2 does not exist: 2 CUDA device"):
+            Device(emulated_kernels, device_id=2)
+        on_one.close()
+        on_zero.close()
+    finally:
+        emu.set_device_count(previous)
+        emulated_kernels.lib.freedit_rt_set_device(0)

@@ -51,6 +51,9 @@ FREEDIT_API int freedit_device_count(int* count);
 // cudaPointerGetAttributes(ptr).type (0 unregistered host, 1 host, 2 device, 3 managed): lets the
 // binding refuse host pointers before a kernel reads them. Returns the cudaError_t of the query.
 FREEDIT_API int freedit_pointer_memory_type(const void* ptr, int* memory_type);
+// cudaPointerGetAttributes(ptr).device: the binding refuses device memory of another GPU than the
+// current one (kernels run on the current device).
+FREEDIT_API int freedit_pointer_device(const void* ptr, int* device);
 
 // ---- model outputs -> transition ---------------------------------------------------------------
 // Why: every verify and draft step turns (eps, v) into the Gaussian p(x_{i-1} | x_i); fused here so

@@ -102,6 +102,15 @@ extern "C" int freedit_pointer_memory_type(const void* ptr, int* memory_type) {
   return static_cast<int>(err);
 }
 
+extern "C" int freedit_pointer_device(const void* ptr, int* device) {
+  if (!device) return cudaErrorInvalidValue;
+  cudaPointerAttributes attributes{};
+  const cudaError_t err = cudaPointerGetAttributes(&attributes, ptr);
+  *device = err == cudaSuccess ? attributes.device : -1;
+  if (err != cudaSuccess) cudaGetLastError();
+  return static_cast<int>(err);
+}
+
 extern "C" int freedit_transition(const float* x, const void* eps_v, int eps_dtype, const int* steps,
                                   const float* table, int num_steps, int rows, int channels, int pixels, int variance,
                                   float* mean, float* log_var, void* stream) {

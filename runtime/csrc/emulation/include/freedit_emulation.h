@@ -35,6 +35,9 @@ FREEDIT_EMU_API void freedit_emulation_counters(long long* grids, long long* blo
 // cudaGetLastError (reset != 0) or cudaPeekAtLastError of the calling host thread: the library's
 // entry points return their error but leave it recorded, as CUDA's runtime calls do.
 FREEDIT_EMU_API int freedit_emulation_last_error(int reset);
+// How many devices cudaGetDeviceCount reports (default 1; each host thread's current device is
+// its own, device memory remembers the device it was allocated on). Returns the previous count.
+FREEDIT_EMU_API int freedit_emulation_set_device_count(int count);
 // What made this host thread's last failed launch fail ("" if none): the kernel, the block and the
 // threads of a barrier that could never complete, or the thread that called __trap().
 FREEDIT_EMU_API const char* freedit_emulation_last_error_detail(void);

@@ -78,7 +78,12 @@ struct Allocation {
   size_t bytes;
   cudaMemoryType type;
   bool mapped;
+  int device;  // the current device when it was allocated (device memory)
 };
+
+// Emulated devices (freedit_emulation_set_device_count), and each host thread's current one.
+std::atomic<int> g_device_count{1};
+thread_local int tls_device = 0;
 
 }  // namespace
 }  // namespace freedit_emu
@@ -366,21 +371,25 @@ const char* cudaGetErrorName(cudaError_t error) {
 // ---- device ------------------------------------------------------------------------------------
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return set_last_error(cudaErrorInvalidValue);
-  *count = 1;
+  *count = g_device_count.load();
   return cudaSuccess;
 }
 
-cudaError_t cudaSetDevice(int device) { return set_last_error(device == 0 ? cudaSuccess : cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device >= g_device_count.load()) return set_last_error(cudaErrorInvalidDevice);
+  tls_device = device;
+  return cudaSuccess;
+}
 
 cudaError_t cudaGetDevice(int* device) {
   if (!device) return set_last_error(cudaErrorInvalidValue);
-  *device = 0;
+  *device = tls_device;
   return cudaSuccess;
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (!value) return set_last_error(cudaErrorInvalidValue);
-  if (device != 0) return set_last_error(cudaErrorInvalidDevice);
+  if (device < 0 || device >= g_device_count.load()) return set_last_error(cudaErrorInvalidDevice);
   switch (attr) {
     case cudaDevAttrMaxThreadsPerBlock:
     case cudaDevAttrMaxBlockDimX:
@@ -459,7 +468,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
     if (!p) return set_last_error(cudaErrorMemoryAllocation);
     memset(p, kPoison, rounded);
   }
-  g_allocations[reinterpret_cast<uintptr_t>(p)] = Allocation{rounded, cudaMemoryTypeDevice, mapped};
+  g_allocations[reinterpret_cast<uintptr_t>(p)] = Allocation{rounded, cudaMemoryTypeDevice, mapped, tls_device};
   g_device_in_use += rounded;
   *ptr = p;
   return cudaSuccess;
@@ -491,7 +500,7 @@ cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
   const size_t rounded = (bytes + 4095) / 4096 * 4096;
   void* p = aligned_alloc(4096, rounded);
   if (!p) return set_last_error(cudaErrorMemoryAllocation);
-  g_allocations[reinterpret_cast<uintptr_t>(p)] = Allocation{rounded, cudaMemoryTypeHost, false};
+  g_allocations[reinterpret_cast<uintptr_t>(p)] = Allocation{rounded, cudaMemoryTypeHost, false, -1};
   *ptr = p;
   return cudaSuccess;
 }
@@ -519,7 +528,7 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const vo
     return cudaSuccess;
   }
   attributes->type = a->type;
-  attributes->device = 0;
+  attributes->device = a->type == cudaMemoryTypeDevice ? a->device : 0;
   attributes->devicePointer = const_cast<void*>(ptr);
   attributes->hostPointer = a->type == cudaMemoryTypeHost ? const_cast<void*>(ptr) : nullptr;
   return cudaSuccess;
@@ -798,6 +807,11 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
   if (!exec || !g_execs.erase(exec)) return set_last_error(cudaErrorInvalidResourceHandle);
   delete exec;
   return cudaSuccess;
+}
+
+extern "C" int freedit_emulation_set_device_count(int count) {
+  if (count < 1) return cudaErrorInvalidValue;
+  return g_device_count.exchange(count);
 }
 
 extern "C" int freedit_emulation_last_error(int reset) {
