@@ -1,7 +1,8 @@
 """The public API: ``Pipeline.default().generate(class_labels, ...)`` -> images and per-sample stats.
 
-A model directory holds ``dit.onnx`` (the ``dit`` contract) and ``pipeline.json`` (defaults such
-as the documented CFG scale); the bundled digits model is one, shipped inside the package.
+A model directory holds ``dit.onnx`` (the ``dit`` contract), optionally ``drafter.onnx`` and, for
+latent DiTs, ``vae_decoder.onnx``, and ``pipeline.json`` (defaults such as the documented CFG
+scale); the bundled digits model is one, shipped inside the package.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from freedit.runtime import noise
 from freedit.runtime.backends.base import Backend
+from freedit.runtime.decode import DECODER, check_decode_batch, check_decoder_matches, decode_latents, is_latent
 from freedit.runtime.images import make_grid, to_uint8
 from freedit.runtime.overlap import run_overlapped
 from freedit.runtime.ragged import SampleState, run_ragged
@@ -36,19 +38,36 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("freedit.runtime") / "assets" / "digits"))
 
 
+class NoDecoderError(ValueError):
+    """Images asked of a latent DiT whose model directory has no VAE decoder."""
+
+
 @dataclass
 class GenerationResult:
-    samples: np.ndarray  # [N, C, H, W] float32 in the model's space ([-1, 1] for pixels)
+    samples: np.ndarray  # [N, C, H, W] float32 in the model's space: [-1, 1] pixels, or a latent DiT's latents
     labels: np.ndarray
     stats: list[dict]
     settings: dict
     seconds: float
     summary: dict = field(default_factory=dict)
     timeline: list[dict] | None = None  # phase events when micro-batches overlapped (runtime/overlap.py)
+    decoded: np.ndarray | None = None  # latent DiTs: uint8 RGB [N, H, W, 3] from the model's vae_decoder
+    latent: bool = False  # samples are latents (images come from the decoder)
 
     @property
     def images(self) -> np.ndarray:
+        """uint8 images: [N, H, W] for grey pixel models, [N, H, W, 3] for RGB and decoded latent models."""
+        if self.decoded is not None:
+            return self.decoded
+        if self.latent:
+            raise NoDecoderError(f"{self.settings.get('model') or 'this model'} is a latent DiT without a decoded "
+                                 f"image: export its vae_decoder.onnx (`freedit export --vae ...`) or use .latents")
         return to_uint8(self.samples)
+
+    @property
+    def latents(self) -> np.ndarray | None:
+        """The sampler's final latents [N, C, h, w] (latent DiTs), as the decoder received them."""
+        return self.samples if self.latent else None
 
     def grid(self, ncol: int | None = None, scale: int = 4) -> np.ndarray:
         return make_grid(self.images, ncol or min(len(self.samples), 10), scale=scale)
@@ -72,8 +91,12 @@ class Pipeline:
         self.has_drafter = "drafter" in backend.engines()
         if self.has_drafter:
             check_drafter_matches(self.info, backend.info("drafter"), source)
+        self.latent = is_latent(self.info.in_channels)
+        self.decoder = backend.info(DECODER) if DECODER in backend.engines() else None
+        if self.decoder is not None:
+            check_decoder_matches(self.info, self.decoder, source)
         self.defaults = {"sampler": "free" if self.has_drafter else "sequential", "steps": 250, "cfg_scale": 1.0,
-                         "batch_size": 64, "window": 6, "relax": 0.5, **(defaults or {})}
+                         "batch_size": 64, "window": 6, "relax": 0.5, "decode_batch_size": 4, **(defaults or {})}
         self.source = source
 
     @classmethod
@@ -129,7 +152,7 @@ class Pipeline:
     def generate(self, class_labels: Sequence[int], sampler: str | None = None, steps=None,
                  cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None, window: int | None = None,
                  relax: float | None = None, progress: bool = False, micro_batches: int = 1,
-                 window_schedule=None) -> GenerationResult:
+                 window_schedule=None, decode: bool = True, decode_batch_size: int | None = None) -> GenerationResult:
         """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
 
         ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
@@ -137,6 +160,8 @@ class Pipeline:
         ``window`` is FREE's draft length L. ``micro_batches`` > 1 (speculative samplers) keeps that
         many batches of ``batch_size`` in flight, one drafting while another verifies.
         ``window_schedule``: L per respaced step (e.g. runtime/adaptive.py's choice) instead of one L.
+        Latent DiTs with a ``vae_decoder`` decode the final latents (``decode=False`` skips it),
+        ``decode_batch_size`` latents per decoder call; ``.latents`` keeps them either way.
         """
         sampler = self.defaults["sampler"] if sampler is None else sampler
         steps = self.defaults["steps"] if steps is None else steps
@@ -149,6 +174,9 @@ class Pipeline:
             raise ValueError(f"micro batches must be an integer >= 1, got {micro_batches!r}")
         if micro_batches > 1 and sampler not in SPECULATIVE:
             raise ValueError(f"micro batches overlap drafting with verification; sampler {sampler!r} does not draft")
+        decode = bool(decode) and self.decoder is not None
+        decode_batch_size = check_decode_batch(self.defaults["decode_batch_size"] if decode_batch_size is None
+                                               else decode_batch_size)
         if sampler == "ddim" and spacing.isdigit():
             spacing = f"ddim{spacing}"
         schedule = Schedule.create(spacing)
@@ -205,17 +233,34 @@ class Pipeline:
         if timeline is not None:
             summary.update(draft_busy_s=timeline.busy("draft"), verify_busy_s=timeline.busy("verify"),
                            draft_verify_overlap_s=timeline.overlap())
-        return GenerationResult(np.stack([s.x for s in done]), labels, stats, settings, seconds, summary,
-                                timeline.to_dict() if timeline is not None else None)
+        samples = np.stack([s.x for s in done])
+        decoded = self._decode(samples, decode_batch_size, progress, summary) if decode else None
+        return GenerationResult(samples, labels, stats, settings, seconds, summary,
+                                timeline.to_dict() if timeline is not None else None, decoded, self.latent)
+
+    def _decode(self, latents: np.ndarray, batch_size: int, progress: bool, summary: dict) -> np.ndarray:
+        """The final latents through the vae_decoder, in micro-batches; its time goes into the summary."""
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(latents), desc="decoding", unit="image", leave=False)
+        start = time.perf_counter()
+        try:
+            images = decode_latents(self.backend, latents, batch_size, on_progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        summary.update(decode_seconds=time.perf_counter() - start, decode_batch_size=batch_size)
+        return images
 
 
 def _make_backend(name: str, path: Path, defaults: dict, threads: int | None) -> Backend:
     """The backend ``name`` for the model directory ``path`` (see BACKENDS)."""
-    has_drafter = (path / "drafter.onnx").is_file()
     if name.startswith("onnxruntime"):
         from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        files = {"dit": path / "dit.onnx", **({"drafter": path / "drafter.onnx"} if has_drafter else {})}
+        files = {g: path / f"{g}.onnx" for g in ("dit", "drafter", DECODER) if (path / f"{g}.onnx").is_file()}
         return OnnxRuntimeBackend(files, threads=threads, device="cuda" if name.endswith("cuda") else "cpu")
     if name.startswith("torch"):
         from freedit.runtime.backends.pytorch import CHECKPOINTS, TorchBackend
@@ -224,9 +269,15 @@ def _make_backend(name: str, path: Path, defaults: dict, threads: int | None) ->
         dit = path / names["dit"]
         if not dit.is_file():
             raise FileNotFoundError(f"the torch backend needs the DiT weights {dit} (pipeline.json 'checkpoints' "
-                                    f"names them)")
+                                    f"names them; `freedit export --torch-weights` writes them)")
         drafter = path / names["drafter"] if (path / names["drafter"]).is_file() else None
-        return TorchBackend.from_checkpoints(dit, drafter, device="cuda" if "cuda" in name else "cpu",
+        vae = None
+        if (path / f"{DECODER}.onnx").is_file():  # the torch backend decodes too, with the VAE's own weights
+            vae = path / names[DECODER]
+            if not (vae / "config.json").is_file():
+                raise FileNotFoundError(f"the torch backend needs the VAE weights {vae} to decode this latent DiT "
+                                        f"(`freedit export --torch-weights` writes them)")
+        return TorchBackend.from_checkpoints(dit, drafter, vae, device="cuda" if "cuda" in name else "cpu",
                                              compile=name.endswith("compiled"), threads=threads,
                                              mode="reduce-overhead" if "cuda" in name else None)
     from freedit.runtime.backends.tensorrt import TensorRTBackend
