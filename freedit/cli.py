@@ -114,14 +114,16 @@ def _export(args: argparse.Namespace) -> int:
     config = official_config(args.config, args.image_size) if args.config else None
     external = {"auto": None, "always": True}[args.external_data]
     t0 = time.perf_counter()
-    _log(f"loading {checkpoint} ...")
+    log = None if args.quiet else _log
+    if log:
+        log(f"loading {checkpoint} ...")
     model = load_dit(checkpoint, config)  # a folder: a diffusers DiT (export/diffusers_format.py)
     drafter = None
     if drafter_path:
         from freedit.export.drafter import load_drafter
 
         drafter = load_drafter(drafter_path, model)  # refuses a drafter trained for another DiT
-    vae_source = _vae_source(args.vae, checkpoint)
+    vae_source = _vae_source(args.vae, checkpoint, log)
     vae = None
     if vae_source is not None:
         from freedit.export.vae import check_vae_fits, load_vae
@@ -132,7 +134,7 @@ def _export(args: argparse.Namespace) -> int:
         vae = load_vae(vae_source)
         check_vae_fits(vae, model.config.in_channels, vae_source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kw = dict(opset=opset, precision=args.precision, log=None if args.quiet else _log, external_data=external)
+    kw = dict(opset=opset, precision=args.precision, log=log, external_data=external)
     written = [("dit.onnx", export_dit(model, out_dir / "dit.onnx", **kw))]
     if drafter is not None:
         written.append(("drafter.onnx", export_drafter(drafter, out_dir / "drafter.onnx", **kw)))
@@ -152,7 +154,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vae_source(vae: str, checkpoint: Path) -> str | None:
+def _vae_source(vae: str, checkpoint: Path, log) -> str | None:
     """--vae: 'none', 'auto' (a diffusers folder's own vae/, else none), or a source for load_vae."""
     if vae == "none":
         return None
@@ -161,8 +163,8 @@ def _vae_source(vae: str, checkpoint: Path) -> str | None:
     from freedit.export.diffusers_format import vae_folder
 
     found = vae_folder(checkpoint) if checkpoint.is_dir() else None
-    if found is not None:
-        _log(f"using the VAE in {found}")
+    if found is not None and log:
+        log(f"using the VAE in {found}")
     return str(found) if found else None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 #: diffusers' DiTTransformer2DModel arguments of the official configs (heads x head dim = hidden).
@@ -67,3 +68,20 @@ def random_vae(width: int = 8, **overrides):
 def diffusers_forward(model, x, t, y) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.as_tensor(x), timestep=torch.as_tensor(t), class_labels=torch.as_tensor(y)).sample
+
+
+#: Timesteps from both ends of the schedule and labels including the null class (1000) of CFG.
+TIMESTEPS = np.array([0, 1, 37, 500, 999, 250], dtype=np.float32)
+LABELS = np.array([0, 207, 999, 1000, 1000, 5], dtype=np.int64)
+
+
+def onnx_vs_diffusers(model_dir, model, image_size: int) -> float:
+    """Max |dit.onnx - diffusers| over ε and variance channels, relative to max(1, max |diffusers|)."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(7).normal(size=(len(TIMESTEPS), 4, image_size // 8, image_size // 8)).astype(np.float32)
+    got = ort.InferenceSession(str(model_dir / "dit.onnx")).run(["eps_v"], {"x": x, "t": TIMESTEPS, "y": LABELS})[0]
+    want = diffusers_forward(model, x, TIMESTEPS, LABELS).numpy()
+    assert got.shape == want.shape == (len(TIMESTEPS), 8, image_size // 8, image_size // 8)
+    assert want[:, :4].std() > 0.3 and want[:, 4:].std() > 0.3  # unit-scale outputs: the tolerance means something
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
