@@ -90,7 +90,7 @@ def test_decoder_plan_builds_with_tensorrt_rtx(s2, tmp_path):
 @pytest.mark.slow
 def test_full_width_sd_vae_end_to_end(tmp_path):
     """The same with the SD VAE's full-width decoder (`--vae random`): what benchmarks/imagenet_e2e.py records."""
-    from freedit.benchmarks.imagenet_e2e import run
+    from freedit.benchmarks.imagenet_e2e import run_e2e
 
-    report = run(tmp_path, steps=6, images=2)
+    report = run_e2e(tmp_path, steps=6, images=2)
     assert report["images_equal_within"] <= 2 and report["tile_shape"] == [256, 256, 3]
