@@ -36,7 +36,7 @@ CONTRACTS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
         # ONNX value names are unique within a graph, so the drafted features cannot reuse "feat".
         (TensorSpec("draft_feat", "tensor(float)", 3), TensorSpec("eps_v", "tensor(float)", 4)),
     ),
-    # Latent models: DiT latents (unscaled, as the sampler ends) -> RGB in [-1, 1]; 1/0.18215 is in the graph.
+    # Latent models: DiT latents (unscaled, as the sampler ends) -> RGB in [-1, 1]; 1/scaling factor is in the graph.
     "vae_decoder": ((TensorSpec("latent", "tensor(float)", 4),), (TensorSpec("image", "tensor(float)", 4),)),
 }
 
@@ -84,7 +84,8 @@ class DecoderInfo:
     def from_json(cls, text: str, source: str) -> "DecoderInfo":
         try:
             data = json.loads(text)
-            info = cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            info = cls(int(data["latent_channels"]), int(data["latent_size"]), int(data["image_size"]),
+                       float(data["scaling_factor"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise ContractError(f"{source}: unreadable '{DECODER_METADATA_KEY}' metadata ({exc}); re-export it with "
                                 f"`freedit export --vae ...`") from None

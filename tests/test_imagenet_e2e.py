@@ -87,6 +87,26 @@ def test_decoder_plan_builds_with_tensorrt_rtx(s2, tmp_path):
         {"dit", "vae_decoder"}
 
 
+@pytest.mark.gpu
+def test_tensorrt_decodes_like_onnxruntime(s2, tmp_path):
+    """On a GPU: the plans of `freedit build` (DiT and decoder) make the images ONNX Runtime makes."""
+    from freedit.engine.builder import device_compute_capability
+    from freedit.runtime.pipeline import Pipeline
+
+    if device_compute_capability() is None:
+        pytest.skip("no CUDA GPU: cudaGetDeviceCount found none")
+    _, model_dir = s2
+    assert main(["build", str(model_dir), "--batch-sizes", "2", "--window", "2", "--no-progress"]) == 0
+    trt, ort = Pipeline.from_directory(model_dir, backend="tensorrt"), Pipeline.from_directory(model_dir)
+    assert trt.decoder == ort.decoder and trt.backend.max_rows("vae_decoder") == 2
+    latents = np.random.default_rng(0).normal(size=(3, 4, 32, 32)).astype(np.float32)
+    want, got = (p.backend.run("vae_decoder", {"latent": latents})["image"] for p in (ort, trt))
+    np.testing.assert_allclose(got, want, atol=1e-3 * max(1.0, np.abs(want).max()))
+    kw = dict(sampler="sequential", steps=4, cfg_scale=4.0, seed=1, decode_batch_size=3)  # 3 > the plan's 2 rows
+    a, b = ort.generate([207, 0, 1], **kw), trt.generate([207, 0, 1], **kw)
+    assert np.abs(a.images.astype(int) - b.images).max() <= 3
+
+
 @pytest.mark.slow
 def test_full_width_sd_vae_end_to_end(tmp_path):
     """The same with the SD VAE's full-width decoder (`--vae random`): what benchmarks/imagenet_e2e.py records."""
