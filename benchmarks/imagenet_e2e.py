@@ -36,6 +36,7 @@ def run_e2e(work: Path, steps: int = 6, images: int = 2, log_path: Path | None =
     fd = [sys.executable, "-m", "freedit"]
     classes = ",".join(str(c) for c in (207, 0, 360, 980)[:images]) if images <= 4 else f"0-{images - 1}"
     ckpt, model = work / "DiT-S-2-random-256.pt", work / "model"
+    shutil.rmtree(model, ignore_errors=True)  # every file listed below is this run's
     commands = {
         "init_checkpoint": fd + ["init-checkpoint", "--config", "DiT-S/2", "--out", str(ckpt)],
         "export": fd + ["export", "--checkpoint", str(ckpt), "--config", "DiT-S/2", "--vae", "random",

@@ -8,8 +8,6 @@ one micro-batch are the only large buffer held, whatever N is.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from freedit.runtime.backends.base import Backend
@@ -42,18 +40,26 @@ def check_decode_batch(batch_size) -> int:
     return int(batch_size)
 
 
-def decode_latents(backend: Backend, latents: np.ndarray, batch_size: int,
-                   on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+def decode_latents(backend: Backend, latents: np.ndarray, batch_size: int, progress: bool = False) -> np.ndarray:
     """Latents [N, C, h, w] -> uint8 RGB [N, H, W, 3], ``batch_size`` latents per decoder call at most."""
     limit = backend.max_rows(DECODER)
     step = min(check_decode_batch(batch_size), limit) if limit else check_decode_batch(batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(latents), desc="decoding", unit="image", leave=False)
     out = None
-    for start in range(0, len(latents), step):
-        chunk = np.ascontiguousarray(latents[start:start + step], dtype=np.float32)
-        image = to_uint8(backend.run(DECODER, {"latent": chunk})["image"])
-        if out is None:
-            out = np.empty((len(latents), *image.shape[1:]), dtype=np.uint8)
-        out[start:start + len(chunk)] = image
-        if on_progress:
-            on_progress(len(chunk))
+    try:
+        for start in range(0, len(latents), step):
+            chunk = np.ascontiguousarray(latents[start:start + step], dtype=np.float32)
+            image = to_uint8(backend.run(DECODER, {"latent": chunk})["image"])
+            if out is None:
+                out = np.empty((len(latents), *image.shape[1:]), dtype=np.uint8)
+            out[start:start + len(chunk)] = image
+            if bar:
+                bar.update(len(chunk))
+    finally:
+        if bar:
+            bar.close()
     return out

@@ -234,25 +234,13 @@ class Pipeline:
             summary.update(draft_busy_s=timeline.busy("draft"), verify_busy_s=timeline.busy("verify"),
                            draft_verify_overlap_s=timeline.overlap())
         samples = np.stack([s.x for s in done])
-        decoded = self._decode(samples, decode_batch_size, progress, summary) if decode else None
+        decoded = None
+        if decode:  # latent DiTs: the vae_decoder, in micro-batches (runtime/decode.py)
+            start = time.perf_counter()
+            decoded = decode_latents(self.backend, samples, decode_batch_size, progress)
+            summary.update(decode_seconds=time.perf_counter() - start, decode_batch_size=decode_batch_size)
         return GenerationResult(samples, labels, stats, settings, seconds, summary,
                                 timeline.to_dict() if timeline is not None else None, decoded, self.latent)
-
-    def _decode(self, latents: np.ndarray, batch_size: int, progress: bool, summary: dict) -> np.ndarray:
-        """The final latents through the vae_decoder, in micro-batches; its time goes into the summary."""
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(latents), desc="decoding", unit="image", leave=False)
-        start = time.perf_counter()
-        try:
-            images = decode_latents(self.backend, latents, batch_size, on_progress=bar.update if bar else None)
-        finally:
-            if bar:
-                bar.close()
-        summary.update(decode_seconds=time.perf_counter() - start, decode_batch_size=batch_size)
-        return images
 
 
 def _make_backend(name: str, path: Path, defaults: dict, threads: int | None) -> Backend:
