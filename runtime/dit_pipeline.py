@@ -10,11 +10,11 @@ How the arguments map, and where the defaults differ from diffusers' on purpose:
 - ``guidance_scale`` (default 4.0, as diffusers and DiT's sample.py) is freedit's ``cfg_scale``;
   1 turns guidance off. freedit guides as DiT's reference sampler does: the first 3 of the 4 latent
   ε channels (diffusers' pipeline guides all 4).
-- ``num_inference_steps`` (default 250, DiT's sample.py; diffusers' is 50 with the folder's DDIM
+- ``num_inference_steps`` (default 250, DiT's sample.py; diffusers' is 50 steps of the folder's
   scheduler) respaces DiT's 1000-step schedule. The sampler is DiT's DDPM with the learned variance
   the DiT predicts (diffusers' pipeline drops those channels and uses its scheduler's fixed
   variance); ``sampler="free"`` (the default with a drafter) gives the same law with fewer serial
-  DiT calls, ``sampler="ddim"`` is closest to diffusers' default scheduler.
+  DiT calls, ``sampler="ddim"`` (eta 0) is closest to a DDIM scheduler.
 - ``generator``: an int seed or anything with ``initial_seed()`` (a ``torch.Generator``); None
   draws a fresh seed, returned as ``.seed``. freedit's noise is keyed by (seed, sample index), so one
   seed gives every image its own noise; a list of generators is refused.
