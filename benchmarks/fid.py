@@ -1,38 +1,21 @@
 """FID and Inception Score of generated ImageNet samples against a user-supplied reference batch.
 
 Uses torch-fidelity (extra `fid`; its Inception weights are downloaded on first use, so this needs
-network access once). Latent samples are decoded with the model directory's vae_decoder.onnx
-(`freedit export --vae ...`) on ONNX Runtime first.
+network access once). Latent DiTs' images come decoded from the Pipeline (the model directory's
+vae_decoder, `freedit export --vae ...`).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 
-def decode_latents(model_dir: str | Path, latents: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Latents [N,4,h,w] -> uint8 images [N, 8h, 8w, 3] via vae_decoder.onnx."""
-    import onnxruntime as ort
-
-    path = Path(model_dir) / "vae_decoder.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: FID needs images; export the VAE decoder with "
-                                f"`freedit export --vae stabilityai/sd-vae-ft-ema`")
-    session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-    images = [session.run(["image"], {"latent": latents[i:i + batch].astype(np.float32)})[0]
-              for i in range(0, len(latents), batch)]
-    out = np.concatenate(images)
-    return np.clip((out + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def fid_is(pipe, samples: np.ndarray, reference: np.ndarray) -> dict:
+def fid_is(images: np.ndarray, reference: np.ndarray) -> dict:
+    """``images``: uint8 [N, H, W, 3] (GenerationResult.images, decoded for latent DiTs)."""
     try:
         import torch
         import torch_fidelity
     except ModuleNotFoundError:
         raise ModuleNotFoundError("FID/IS needs torch-fidelity: pip install 'freedit[fid]'", name="torch_fidelity") from None
-    images = decode_latents(pipe.source, samples) if pipe.info.in_channels == 4 else samples
 
     class _Images(torch.utils.data.Dataset):
         def __init__(self, arr):

@@ -17,7 +17,6 @@ import os
 import platform
 import subprocess
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -196,17 +195,17 @@ def label(c: dict) -> str:
     return c["sampler"] + (f" L={c['window']}" if "window" in c else "") + (f" λ={c['relax']:g}" if "relax" in c else "")
 
 
-def _quality(pipe: Pipeline, samples: np.ndarray, labels: np.ndarray, reference: np.ndarray | None) -> dict:
+def _quality(pipe: Pipeline, result, reference: np.ndarray | None) -> dict:
     info = pipe.info
     if (info.in_channels, info.input_size, info.num_classes) == (1, 16, 10):
         from freedit.benchmarks.quality import evaluate
 
-        m = evaluate(samples, labels)
+        m = evaluate(result.samples, result.labels)
         return {"class_accuracy": m["class_accuracy"], "fd_digits": m["fd_digits"]}
     if reference is not None:
         from freedit.benchmarks.fid import fid_is
 
-        return fid_is(pipe, samples, reference)
+        return fid_is(result.images, reference)  # latent DiTs: decoded by the Pipeline (runtime/decode.py)
     return {}
 
 
@@ -313,7 +312,7 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                     if rep == 0:
                         run["acceptance_by_step"] = m.get("acceptance_by_step", {})
                         if cfg.quality:
-                            run.update(_quality(pipe, result.samples, result.labels, reference))
+                            run.update(_quality(pipe, result, reference))
                     runs[label(v)].append(run)
                     log(f"repeat {rep} {label(v)}: {run['seconds_per_image']:.4f} s/image, "
                         f"{run['serial_target_calls']:.1f} serial target calls, acceptance {run.get('acceptance', '-')}, "

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
           "|---|---:|---:|---:|---:|"]
     md += [f"| {n} | {med[n]:.2f} | " + (" | ".join(f"{np.median([r.get(k, 0) for r in runs[n]]):.2f}"
            for k in ("draft_busy_s", "verify_busy_s", "draft_verify_overlap_s"))) + " |" for n in names]
-    md += ["", f"Wall-clock speed-up of overlapping, per repeat (same run, interleaved): "
+    md += ["", "Wall-clock speed-up of overlapping, per repeat (same run, interleaved): "
            + ", ".join(f"{r:.2f}x" for r in ratios) + f"; median {np.median(ratios):.2f}x. "
            f"Images identical: {identical}. Draft time hidden behind verification: "
            f"{np.median([r['draft_verify_overlap_s'] for r in two]):.2f} s of "

@@ -19,7 +19,7 @@ from freedit.engine.manifest import FORMAT, Manifest, manifest_path, sha256_file
 from freedit.engine.profiles import BuildSettings, profiles_for
 from freedit.engine.tensorrt_api import TensorRT
 from freedit.errors import BuildError
-from freedit.runtime.contract import onnx_files
+from freedit.runtime.contract import DECODER_METADATA_KEY, onnx_files
 
 #: TensorRT-RTX 1.x targets; it has no SM 9.0 (Hopper) target.
 RTX_DEFAULT_TARGETS = ("80", "86", "89", "120")
@@ -149,7 +149,8 @@ def build_plan(trt: TensorRT, onnx_path: Path, plan_path: Path, settings: BuildS
         manifest = Manifest({
             "format": FORMAT, "graph": graph,
             "onnx": {"file": onnx_path.name, "sha256": onnx_sha, "precision": meta.get("freedit.precision", "fp32"),
-                     "config": meta.get("freedit.config")},
+                     "config": meta.get("freedit.config"),
+                     **({"decoder": meta[DECODER_METADATA_KEY]} if DECODER_METADATA_KEY in meta else {})},
             "plan": {"file": plan_path.name, "bytes": tmp.stat().st_size, "sha256": sha256_files([tmp])},
             "builder": {"kind": trt.kind, "module": trt.module.__name__, "version": trt.version},
             "targets": list(targets) if trt.is_rtx else [device_compute_capability() or "unknown"],

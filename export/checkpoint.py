@@ -1,4 +1,5 @@
-"""Loading DiT weights: official ``.pt`` checkpoints, train.py's ``{"ema": ...}``, our safetensors.
+"""Loading DiT weights: official ``.pt`` checkpoints, train.py's ``{"ema": ...}``, our safetensors,
+diffusers folders (export/diffusers_format.py).
 
 Every failure is a ``CheckpointError`` whose message names the file and what does not match.
 """
@@ -88,7 +89,12 @@ def check_state_dict(model: DiT, state: dict[str, torch.Tensor], source: str) ->
 
 
 def load_dit(path: str | Path, config: DiTConfig | None = None) -> DiT:
-    """A DiT in eval mode with the checkpoint's weights. Without a config: the file's own or inferred."""
+    """A DiT in eval mode with the checkpoint's weights. Without a config: the file's own or inferred.
+    A folder is read as a diffusers DiT (export/diffusers_format.py)."""
+    if Path(path).is_dir():
+        from freedit.export.diffusers_format import load_diffusers_dit
+
+        return load_diffusers_dit(path, config)
     state, embedded = read_state_dict(path)
     try:
         config = config or embedded or infer_config(state)

@@ -28,6 +28,10 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     cfg_mode: str = "reference"  # which eps channels CFG guides: "reference" (first 3) or "all"
+    # Two details in which diffusers' DiTTransformer2DModel differs from DiT's models.py; checkpoints read
+    # from a diffusers folder keep diffusers' values so freedit computes what diffusers computes there.
+    timestep_freq_shift: int = 0  # sinusoid frequencies exp(-ln(1e4) i / (128 - shift)); diffusers: 1
+    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each block's MLP; diffusers: its norm_eps, 1e-5
 
     @property
     def out_channels(self) -> int:
@@ -68,10 +72,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """DiT's timestep sinusoid: cos first, then sin; always computed in fp32."""
+def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
+    """DiT's timestep sinusoid: cos first, then sin; always computed in fp32. ``freq_shift`` 1 is
+    diffusers' ``downscale_freq_shift`` (frequencies over half - 1 instead of half)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -101,13 +106,13 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden: int, frequency_size: int = 256):
+    def __init__(self, hidden: int, frequency_size: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.frequency_size = frequency_size
+        self.frequency_size, self.freq_shift = frequency_size, freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_sinusoid(t, self.frequency_size)
+        freq = timestep_sinusoid(t, self.frequency_size, freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -154,11 +159,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: shift/scale/gate for attention and MLP from the conditioning c."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, num_heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden, bias=True))
 
@@ -190,10 +195,11 @@ class DiT(nn.Module):
         self.config = config
         h = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, h)
-        self.t_embedder = TimestepEmbedder(h)
+        self.t_embedder = TimestepEmbedder(h, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, h, config.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, h), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(h, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(DiTBlock(h, config.num_heads, config.mlp_ratio, config.mlp_norm_eps)
+                                    for _ in range(config.depth))
         self.final_layer = FinalLayer(h, config.patch_size, config.out_channels)
         self.initialize_weights()
 

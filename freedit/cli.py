@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import time
@@ -19,27 +18,20 @@ class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
-def parse_labels(text: str) -> list[int]:
-    """'0-9', '3,5,7', '4' or a mix such as '0-2,7' -> list of ints."""
-    labels: list[int] = []
-    for part in text.split(","):
-        bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
-        try:
-            labels += list(range(int(bounds[1]), int(bounds[2]) + 1)) if bounds else [int(part)]
-        except ValueError:
-            raise UsageError(f"--classes {text!r}: expected integers such as '0-9' or '1,4,7'") from None
-    return labels
-
-
 def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from freedit.runtime.class_names import parse_classes
     from freedit.runtime.images import check_writable, make_grid, save_png
     from freedit.runtime.pipeline import Pipeline, default_model_dir
 
-    labels = [y for y in parse_labels(args.classes) for _ in range(args.per_class)]
     if args.per_class < 1:
         raise UsageError(f"--per-class must be at least 1, got {args.per_class}")
     steps = int(args.steps) if args.steps is not None and args.steps.lstrip("-").isdigit() else args.steps
     out = check_writable(args.out)
+    if args.latents and Path(args.latents).suffix != ".npy":
+        raise UsageError(f"--latents {args.latents}: give a .npy file name")
+    latents_out = check_writable(args.latents) if args.latents else None
     if args.samples_dir:
         Path(args.samples_dir).mkdir(parents=True, exist_ok=True)
         check_writable(Path(args.samples_dir) / "x.png")
@@ -48,21 +40,41 @@ def _generate(args: argparse.Namespace) -> int:
     model = args.model or default_model_dir()
     pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads, precision=args.precision,
                                    device_id=args.device)
+    try:
+        classes = parse_classes(args.classes, pipe.info.num_classes)
+    except ValueError as exc:
+        raise UsageError(f"--classes: {exc}") from None
+    labels = [y for y in classes for _ in range(args.per_class)]
+    images = not pipe.latent or pipe.decoder is not None
+    if not images and not latents_out:
+        raise UsageError(f"{model} is a latent DiT exported without vae_decoder.onnx, so it makes latents, not "
+                         f"images: re-export it with `freedit export --vae ...`, or save the latents with --latents "
+                         f"latents.npy")
     result = pipe.generate(labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
                            batch_size=args.batch_size, window=args.window, relax=args.relax,
-                           progress=not args.no_progress, micro_batches=args.micro_batches, maths=args.maths,
-                           graphs=not args.no_graphs)
-    save_png(make_grid(result.images, ncol=args.per_class if args.per_class > 1 else min(10, len(labels)),
-                       scale=args.scale), out)
-    if args.samples_dir:
-        for stat, image in zip(result.stats, result.images):
-            save_png(make_grid(image[None], 1, pad=0, scale=args.scale),
-                     Path(args.samples_dir) / f"{stat['sample']:05d}_class{stat['label']}.png")
+                           progress=not args.no_progress, decode_batch_size=args.decode_batch_size,
+                           micro_batches=args.micro_batches, maths=args.maths, graphs=not args.no_graphs)
+    written = []
+    if images:
+        side = result.images.shape[1]
+        scale = args.scale if args.scale is not None else (4 if side < 64 else 1)  # digits: 16 px; ImageNet: 256+
+        save_png(make_grid(result.images, ncol=args.per_class if args.per_class > 1 else min(10, len(labels)),
+                           scale=scale), out)
+        written.append(out)
+        if args.samples_dir:
+            for stat, image in zip(result.stats, result.images):
+                save_png(make_grid(image[None], 1, pad=0, scale=scale),
+                         Path(args.samples_dir) / f"{stat['sample']:05d}_class{stat['label']}.png")
+    if latents_out:
+        tmp = latents_out.with_name(f".{latents_out.stem}.tmp.npy")
+        np.save(tmp, result.samples)
+        tmp.replace(latents_out)
+        written.append(latents_out)
     if args.stats:
         tmp = Path(str(args.stats) + ".tmp")
         tmp.write_text(json.dumps({"settings": result.settings, "summary": result.summary, "samples": result.stats}, indent=1))
         tmp.replace(args.stats)
-    print(summary_line(out, args.classes, result))
+    print(summary_line(" and ".join(map(str, written)), args.classes, result))
     return 0
 
 
@@ -77,7 +89,8 @@ def summary_line(out, classes: str, result) -> str:
     if "acceptance" in m:
         line += (f", acceptance {m['acceptance']:.3f} ({m['accepted']}/{m['decided']} drafts), residual proposals "
                  f"{m['residual_proposals']}, cap hits {m['residual_cap_hits']}")
-    return line + f", {m['seconds']:.1f} s ({m['seconds_per_image'] * 1e3:.0f} ms/image, {s['backend']})"
+    line += f", {m['seconds']:.1f} s ({m['seconds_per_image'] * 1e3:.0f} ms/image, {s['backend']})"
+    return line + (f", decoded in {m['decode_seconds']:.1f} s" if "decode_seconds" in m else "")
 
 
 def _log(text: str) -> None:
@@ -103,22 +116,27 @@ def _export(args: argparse.Namespace) -> int:
     config = official_config(args.config, args.image_size) if args.config else None
     external = {"auto": None, "always": True}[args.external_data]
     t0 = time.perf_counter()
-    _log(f"loading {checkpoint} ...")
-    model = load_dit(checkpoint, config)
+    log = None if args.quiet else _log
+    if log:
+        log(f"loading {checkpoint} ...")
+    model = load_dit(checkpoint, config)  # a folder: a diffusers DiT (export/diffusers_format.py)
     drafter = None
     if drafter_path:
         from freedit.export.drafter import load_drafter
 
         drafter = load_drafter(drafter_path, model)  # refuses a drafter trained for another DiT
+    vae_source = _vae_source(args.vae, checkpoint, log)
     vae = None
-    if args.vae != "none":
-        from freedit.export.vae import load_vae
+    if vae_source is not None:
+        from freedit.export.vae import check_vae_fits, load_vae
+        from freedit.runtime.decode import is_latent
 
-        if model.config.in_channels != 4:
-            raise UsageError(f"--vae is for latent DiTs (4 channels); this one has {model.config.in_channels}")
-        vae = load_vae(args.vae)
+        if not is_latent(model.config.in_channels):
+            raise UsageError(f"--vae is for latent DiTs; this one samples {model.config.in_channels}-channel pixels")
+        vae = load_vae(vae_source)
+        check_vae_fits(vae, model.config.in_channels, vae_source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kw = dict(opset=opset, precision=args.precision, log=None if args.quiet else _log, external_data=external)
+    kw = dict(opset=opset, precision=args.precision, log=log, external_data=external)
     written = [("dit.onnx", export_dit(model, out_dir / "dit.onnx", **kw))]
     if drafter is not None:
         written.append(("drafter.onnx", export_drafter(drafter, out_dir / "drafter.onnx", **kw)))
@@ -130,10 +148,48 @@ def _export(args: argparse.Namespace) -> int:
                                                          out_dir / "vae_decoder.onnx", **{**kw, "precision": "fp32"})))
     if bundled:
         shutil.copyfile(default_model_dir() / "pipeline.json", out_dir / "pipeline.json")
+    if args.torch_weights:
+        written += _write_torch_weights(out_dir, model, drafter, vae)
     for name, report in written:
-        print(f"wrote {out_dir / name}: {report.describe()}")
-    print(f"exported {len(written)} graph(s) in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote {out_dir / name}" + (f": {report.describe()}" if report else ""))
+    print(f"exported {sum(1 for n, _ in written if n.endswith('.onnx'))} graph(s) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _vae_source(vae: str, checkpoint: Path, log) -> str | None:
+    """--vae: 'none', 'auto' (a diffusers folder's own vae/, else none), or a source for load_vae."""
+    if vae == "none":
+        return None
+    if vae != "auto":
+        return vae
+    from freedit.export.diffusers_format import vae_folder
+
+    found = vae_folder(checkpoint) if checkpoint.is_dir() else None
+    if found is not None and log:
+        log(f"using the VAE in {found}")
+    return str(found) if found else None
+
+
+def _write_torch_weights(out_dir: Path, model, drafter, vae) -> list[tuple[str, None]]:
+    """The PyTorch weights the torch backend reads, under the names it looks for (pipeline.json may rename)."""
+    from freedit.export.checkpoint import save_dit
+    from freedit.runtime.backends.pytorch import CHECKPOINTS
+
+    listed = out_dir / "pipeline.json"
+    names = {**CHECKPOINTS, **(json.loads(listed.read_text()).get("checkpoints", {}) if listed.is_file() else {})}
+    save_dit(model, out_dir / names["dit"])
+    written = [(names["dit"], None)]
+    if drafter is not None:
+        from freedit.export.drafter import save_drafter
+
+        save_drafter(drafter, out_dir / names["drafter"])
+        written.append((names["drafter"], None))
+    if vae is not None:
+        from freedit.export.vae import save_vae
+
+        save_vae(vae, out_dir / names["vae_decoder"])
+        written.append((names["vae_decoder"] + "/", None))
+    return written
 
 
 def _init_checkpoint(args: argparse.Namespace) -> int:
@@ -372,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", formatter_class=fmt, help="sample images (default: the bundled digits DiT, CPU)",
                        description="Sample class-conditional images and write a PNG grid (one row per class).")
-    g.add_argument("--classes", default="0-9", help="class labels: a range '0-9', a list '1,4,7' or a mix")
+    g.add_argument("--classes", default="0-9", help="class labels: a range '0-9', a list '1,4,7' or a mix; ImageNet "
+                   "models also take names: 207,'golden retriever'")
     g.add_argument("--per-class", type=int, default=8, help="images per class label")
     g.add_argument("--sampler", default=None, help="free (lossless FREE, the default with a drafter), free-relax "
                    "(tempered accept test), frozen (training-free drafter), sequential (DDPM, one DiT call per step) "
@@ -388,7 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="freedit_samples.png", help="PNG grid to write")
     g.add_argument("--samples-dir", default=None, help="also write one PNG per sample into this folder")
     g.add_argument("--stats", default=None, help="write settings, summary and per-sample statistics as JSON here")
-    g.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the written images")
+    g.add_argument("--scale", type=int, default=None, help="nearest-neighbour upscaling of the written images "
+                   "(default: 4 for images under 64 px such as the digits, else 1)")
+    g.add_argument("--latents", default=None, help="also save the final latents of a latent DiT as .npy (the only "
+                   "output of one exported without a VAE decoder)")
+    g.add_argument("--decode-batch-size", type=int, default=None, help="latents per VAE decoder call (bounds its "
+                   "memory; default: the model's, 4)")
     g.add_argument("--model", default=None, help="model directory with dit.onnx (default: the bundled digits DiT)")
     g.add_argument("--backend", default="onnxruntime", help="onnxruntime, onnxruntime-cuda, torch, torch-compiled, "
                    "torch-cuda, torch-cuda-compiled or tensorrt (plans from `freedit build`)")
@@ -410,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and optionally its drafter and VAE decoder to ONNX per the runtime contracts. Every "
                                    "graph is checked against PyTorch before it is moved into place.")
     e.add_argument("--checkpoint", default="bundled", help="DiT-XL-2-256x256.pt, a train.py checkpoint, .safetensors, "
+                   "a diffusers folder (transformer/ [+ vae/, scheduler/], e.g. facebook/DiT-XL-2-256 downloaded), "
                    "or 'bundled' (the digits DiT and its drafter)")
     e.add_argument("--config", default=None, help="official config name such as DiT-XL/2 (default: inferred from the file)")
     e.add_argument("--image-size", type=int, default=256, help="image size for an official config (latent = size / 8)")
@@ -419,8 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GEMM/attention precision in the graph; LayerNorm, modulation, gates, residuals and the "
                         "timestep embedding stay fp32")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18, or 22 for bf16)")
-    e.add_argument("--vae", default="none", help="also export the VAE decoder of a latent DiT: a diffusers folder, "
-                   "a hub id (stabilityai/sd-vae-ft-ema), or 'random' (SD VAE shape, random weights)")
+    e.add_argument("--vae", default="auto", help="also export the VAE decoder of a latent DiT: a diffusers folder, "
+                   "a hub id (stabilityai/sd-vae-ft-ema), 'random' (SD VAE shape, random weights), 'random:W' (the "
+                   "same layout with widths W,2W,4W,4W; the SD VAE is 128), 'auto' (a diffusers checkpoint's own vae/, "
+                   "else none) or 'none'")
+    e.add_argument("--torch-weights", action="store_true", help="also write the PyTorch weights (dit.safetensors, "
+                   "drafter.safetensors, vae/) so the torch backend can run the folder")
     e.add_argument("--external-data", default="auto", choices=["auto", "always"],
                    help="weights in a .data file beside the graph: above 2 GB (protobuf's limit), or always")
     e.add_argument("--quiet", action="store_true", help="no per-stage progress lines")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 CONFIG_METADATA_KEY = "freedit.config"
 CONTRACT_METADATA_KEY = "freedit.contract"
 PRECISION_METADATA_KEY = "freedit.precision"  # fp32/fp16/bf16 inside; the I/O below is fp32 always
+DECODER_METADATA_KEY = "freedit.vae"  # the vae_decoder's shapes and latent scale (DecoderInfo), JSON
 
 
 class ContractError(ValueError):
@@ -35,7 +36,7 @@ CONTRACTS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
         # ONNX value names are unique within a graph, so the drafted features cannot reuse "feat".
         (TensorSpec("draft_feat", "tensor(float)", 3), TensorSpec("eps_v", "tensor(float)", 4)),
     ),
-    # Latent models: DiT latents (unscaled, as the sampler ends) -> RGB in [-1, 1]; 1/0.18215 is in the graph.
+    # Latent models: DiT latents (unscaled, as the sampler ends) -> RGB in [-1, 1]; 1/scaling factor is in the graph.
     "vae_decoder": ((TensorSpec("latent", "tensor(float)", 4),), (TensorSpec("image", "tensor(float)", 4),)),
 }
 
@@ -70,6 +71,27 @@ class ModelInfo:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class DecoderInfo:
+    """What the runtime needs to know about a `vae_decoder`: read from its metadata."""
+
+    latent_channels: int
+    latent_size: int
+    image_size: int
+    scaling_factor: float
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "DecoderInfo":
+        try:
+            data = json.loads(text)
+            info = cls(int(data["latent_channels"]), int(data["latent_size"]), int(data["image_size"]),
+                       float(data["scaling_factor"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ContractError(f"{source}: unreadable '{DECODER_METADATA_KEY}' metadata ({exc}); re-export it with "
+                                f"`freedit export --vae ...`") from None
+        return info
+
+
 def onnx_files(onnx_path) -> list:
     """The .onnx file and the external data files it refers to (sorted): what moves and is checksummed
     as one graph. Reads only the graph (needs the `onnx` package, as export and build do)."""
@@ -93,8 +115,8 @@ def _describe(arg) -> TensorSpec:
     return TensorSpec(arg.name, arg.type, len(arg.shape))
 
 
-def check_session(kind: str, session, source: str) -> ModelInfo:
-    """Check an onnxruntime InferenceSession against contract ``kind``; return the model info."""
+def check_session(kind: str, session, source: str) -> ModelInfo | DecoderInfo:
+    """Check an onnxruntime InferenceSession against contract ``kind``; return the model (or decoder) info."""
     if kind not in CONTRACTS:
         raise ContractError(f"unknown contract {kind!r}; known: {', '.join(CONTRACTS)}")
     want_in, want_out = CONTRACTS[kind]
@@ -109,6 +131,10 @@ def check_session(kind: str, session, source: str) -> ModelInfo:
                 raise ContractError(f"{source}: {role} {spec.name!r} is {h.dtype} of rank {h.rank}, the '{kind}' "
                                     f"contract needs {spec.dtype} of rank {spec.rank} - re-export it with `freedit export`")
     meta = session.get_modelmeta().custom_metadata_map
+    if kind == "vae_decoder":  # no DiT config: the decoder describes its own shapes
+        if DECODER_METADATA_KEY not in meta:
+            raise ContractError(f"{source}: no '{DECODER_METADATA_KEY}' metadata; re-export it with `freedit export --vae ...`")
+        return DecoderInfo.from_json(meta[DECODER_METADATA_KEY], source)
     if CONFIG_METADATA_KEY not in meta:
         raise ContractError(f"{source}: no '{CONFIG_METADATA_KEY}' metadata; export it with `freedit export`")
     try:

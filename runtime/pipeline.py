@@ -1,7 +1,8 @@
 """The public API: ``Pipeline.default().generate(class_labels, ...)`` -> images and per-sample stats.
 
-A model directory holds ``dit.onnx`` (the ``dit`` contract) and ``pipeline.json`` (defaults such
-as the documented CFG scale); the bundled digits model is one, shipped inside the package.
+A model directory holds ``dit.onnx`` (the ``dit`` contract), optionally ``drafter.onnx`` and, for
+latent DiTs, ``vae_decoder.onnx``, and ``pipeline.json`` (defaults such as the documented CFG
+scale); the bundled digits model is one, shipped inside the package.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from freedit.runtime.backends.base import Backend
+from freedit.runtime.decode import DECODER, check_decode_batch, check_decoder_matches, decode_latents, is_latent
 from freedit.runtime.images import make_grid, to_uint8
 from freedit.runtime.contract import ContractError
 from freedit.runtime.overlap import Timeline
@@ -32,19 +34,36 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("freedit.runtime") / "assets" / "digits"))
 
 
+class NoDecoderError(ValueError):
+    """Images asked of a latent DiT whose model directory has no VAE decoder."""
+
+
 @dataclass
 class GenerationResult:
-    samples: np.ndarray  # [N, C, H, W] float32 in the model's space ([-1, 1] for pixels)
+    samples: np.ndarray  # [N, C, H, W] float32 in the model's space: [-1, 1] pixels, or a latent DiT's latents
     labels: np.ndarray
     stats: list[dict]
     settings: dict
     seconds: float
     summary: dict = field(default_factory=dict)
     timeline: list[dict] | None = None  # phase events when micro-batches overlapped (runtime/overlap.py)
+    decoded: np.ndarray | None = None  # latent DiTs: uint8 RGB [N, H, W, 3] from the model's vae_decoder
+    latent: bool = False  # samples are latents (images come from the decoder)
 
     @property
     def images(self) -> np.ndarray:
+        """uint8 images: [N, H, W] for grey pixel models, [N, H, W, 3] for RGB and decoded latent models."""
+        if self.decoded is not None:
+            return self.decoded
+        if self.latent:
+            raise NoDecoderError(f"{self.settings.get('model') or 'this model'} is a latent DiT without a decoded "
+                                 f"image: export its vae_decoder.onnx (`freedit export --vae ...`) or use .latents")
         return to_uint8(self.samples)
+
+    @property
+    def latents(self) -> np.ndarray | None:
+        """The sampler's final latents [N, C, h, w] (latent DiTs), as the decoder received them."""
+        return self.samples if self.latent else None
 
     def grid(self, ncol: int | None = None, scale: int = 4) -> np.ndarray:
         return make_grid(self.images, ncol or min(len(self.samples), 10), scale=scale)
@@ -68,8 +87,12 @@ class Pipeline:
         self.has_drafter = "drafter" in backend.engines()
         if self.has_drafter:
             check_drafter_matches(self.info, backend.info("drafter"), source)
+        self.latent = is_latent(self.info.in_channels)
+        self.decoder = backend.info(DECODER) if DECODER in backend.engines() else None
+        if self.decoder is not None:
+            check_decoder_matches(self.info, self.decoder, source)
         self.defaults = {"sampler": "free" if self.has_drafter else "sequential", "steps": 250, "cfg_scale": 1.0,
-                         "batch_size": 64, "window": 6, "relax": 0.5, **(defaults or {})}
+                         "batch_size": 64, "window": 6, "relax": 0.5, "decode_batch_size": 4, **(defaults or {})}
         self.source = source
         self._context = None  # the round's maths and workspaces, allocated on first use
 
@@ -134,7 +157,8 @@ class Pipeline:
     def generate(self, class_labels: Sequence[int], sampler: str | None = None, steps=None,
                  cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None, window: int | None = None,
                  relax: float | None = None, progress: bool = False, micro_batches: int = 1,
-                 window_schedule=None, maths: str = "auto", graphs: bool | None = None) -> GenerationResult:
+                 window_schedule=None, maths: str = "auto", graphs: bool | None = None, decode: bool = True,
+                 decode_batch_size: int | None = None) -> GenerationResult:
         """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
 
         ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
@@ -145,6 +169,8 @@ class Pipeline:
         ``maths``: where the round's maths runs: "numpy" (host), "device" (the CUDA kernels; on a
         machine without a GPU, their host emulation), "auto" (device for GPU backends, else numpy).
         ``graphs``: replay repeated round shapes from CUDA graphs (device maths; default on).
+        Latent DiTs with a ``vae_decoder`` decode the final latents (``decode=False`` skips it),
+        ``decode_batch_size`` latents per decoder call; ``.latents`` keeps them either way.
         """
         sampler = self.defaults["sampler"] if sampler is None else sampler
         steps = self.defaults["steps"] if steps is None else steps
@@ -159,6 +185,9 @@ class Pipeline:
             raise ValueError(f"micro batches overlap drafting with verification; sampler {sampler!r} does not draft")
         if maths not in MATHS:
             raise ValueError(f"unknown maths {maths!r}; choose one of {', '.join(MATHS)}")
+        decode = bool(decode) and self.decoder is not None
+        decode_batch_size = check_decode_batch(self.defaults["decode_batch_size"] if decode_batch_size is None
+                                               else decode_batch_size)
         if sampler == "ddim" and spacing.isdigit():
             spacing = f"ddim{spacing}"
         schedule = Schedule.create(spacing)
@@ -233,8 +262,13 @@ class Pipeline:
         if timeline is not None:
             summary.update(draft_busy_s=timeline.busy("draft"), verify_busy_s=timeline.busy("verify"),
                            draft_verify_overlap_s=timeline.overlap())
+        decoded = None
+        if decode:  # latent DiTs: the vae_decoder, in micro-batches (runtime/decode.py)
+            start = time.perf_counter()
+            decoded = decode_latents(self.backend, samples, decode_batch_size, progress)
+            summary.update(decode_seconds=time.perf_counter() - start, decode_batch_size=decode_batch_size)
         return GenerationResult(samples, labels, stats, settings_out, seconds, summary,
-                                timeline.to_dict() if timeline is not None else None)
+                                timeline.to_dict() if timeline is not None else None, decoded, self.latent)
 
     # -- the round's maths and workspaces, allocated once and reused --------------------------------
     def _maths_kind(self, maths: str) -> str:
@@ -351,11 +385,10 @@ def _check_window_schedule(window_schedule, num_steps: int) -> np.ndarray:
 def _make_backend(name: str, path: Path, defaults: dict, threads: int | None, precision: str = "fp32",
                   device_id: int = 0) -> Backend:
     """The backend ``name`` for the model directory ``path`` (see BACKENDS)."""
-    has_drafter = (path / "drafter.onnx").is_file()
     if name.startswith("onnxruntime"):
         from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        files = {"dit": path / "dit.onnx", **({"drafter": path / "drafter.onnx"} if has_drafter else {})}
+        files = {g: path / f"{g}.onnx" for g in ("dit", "drafter", DECODER) if (path / f"{g}.onnx").is_file()}
         return OnnxRuntimeBackend(files, threads=threads, device="cuda" if name.endswith("cuda") else "cpu",
                                   device_id=device_id)
     if name.startswith("torch"):
@@ -365,9 +398,15 @@ def _make_backend(name: str, path: Path, defaults: dict, threads: int | None, pr
         dit = path / names["dit"]
         if not dit.is_file():
             raise FileNotFoundError(f"the torch backend needs the DiT weights {dit} (pipeline.json 'checkpoints' "
-                                    f"names them)")
+                                    f"names them; `freedit export --torch-weights` writes them)")
         drafter = path / names["drafter"] if (path / names["drafter"]).is_file() else None
-        return TorchBackend.from_checkpoints(dit, drafter, device=f"cuda:{device_id}" if "cuda" in name else "cpu",
+        vae = None
+        if (path / f"{DECODER}.onnx").is_file():  # the torch backend decodes too, with the VAE's own weights
+            vae = path / names[DECODER]
+            if not (vae / "config.json").is_file():
+                raise FileNotFoundError(f"the torch backend needs the VAE weights {vae} to decode this latent DiT "
+                                        f"(`freedit export --torch-weights` writes them)")
+        return TorchBackend.from_checkpoints(dit, drafter, vae, device=f"cuda:{device_id}" if "cuda" in name else "cpu",
                                              compile=name.endswith("compiled"), threads=threads,
                                              mode="reduce-overhead" if "cuda" in name else None, precision=precision)
     from freedit.runtime.backends.tensorrt import TensorRTBackend

@@ -97,3 +97,19 @@ def emulated_kernels(emulated_build):
     from freedit.runtime import kernels
 
     return kernels.load(emulated_build.library, emulated=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_dir(tmp_path_factory):
+    """A tiny latent ImageNet-shaped DiT (1000 classes, 4 x 8 x 8 latents) from a diffusers folder with its
+    own small SD-VAE-shaped vae/ (64 px images), exported with `freedit export --torch-weights`."""
+    pytest.importorskip("diffusers")
+    from diffusers_models import random_diffusers_dit, random_vae, save_pipeline_folder
+
+    from freedit.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_latent")
+    source = save_pipeline_folder(root / "diffusers", random_diffusers_dit("tiny", image_size=64), random_vae(8))
+    assert main(["export", "--checkpoint", str(source), "--out", str(root / "model"), "--torch-weights", "--quiet"]) == 0
+    (root / "model" / "pipeline.json").write_text(json.dumps({"steps": 8, "cfg_scale": 2.0, "batch_size": 4}))
+    return root / "model"

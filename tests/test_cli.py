@@ -15,14 +15,14 @@ def run_cli(*args, cwd=None):
                           timeout=600, cwd=cwd)
 
 
-def test_generate_writes_grid_samples_and_stats(tiny_model_dir, tmp_path):
-    out = run_cli("generate", "--model", tiny_model_dir, "--classes", "0-2,4", "--per-class", 2, "--steps", 6,
+def test_generate_writes_grid_samples_and_stats(tiny_latent_dir, tmp_path):
+    out = run_cli("generate", "--model", tiny_latent_dir, "--classes", "0-2,4", "--per-class", 2, "--steps", 6,
                   "--out", tmp_path / "grid.png", "--samples-dir", tmp_path / "each", "--stats", tmp_path / "s.json",
                   "--scale", 2, "--no-progress")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") == 1 and "8 images" in out.stdout and "6.0 serial target calls/image" in out.stdout
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape[:2] == (4 * 17 + 1, 2 * 17 + 1)  # 4 classes x 2 per class, 8 px x2 + 1 px padding
+    assert grid.shape == (4 * 129 + 1, 2 * 129 + 1, 3)  # 4 classes x 2 per class, RGB 64 px x2 + 1 px padding
     assert len(list((tmp_path / "each").glob("*.png"))) == 8
     stats = json.loads((tmp_path / "s.json").read_text())
     assert [s["label"] for s in stats["samples"]] == [0, 0, 1, 1, 2, 2, 4, 4]
@@ -51,8 +51,9 @@ def test_help_explains_every_option():
     (["--sampler", "nope"], "unknown sampler"),
 ])
 def test_bad_generate_arguments(tiny_model_dir, tmp_path, args, message):
+    # The tiny DiT is a latent one without a decoder: it can only save latents.
     out = run_cli("generate", "--model", tiny_model_dir, "--out", tmp_path / "g.png", "--no-progress",
-                  "--classes", "0-4", *args)
+                  "--latents", tmp_path / "z.npy", "--classes", "0-4", *args)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert __import__("re").search(message, out.stderr), out.stderr

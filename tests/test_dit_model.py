@@ -416,8 +416,8 @@ def test_text_file_and_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist") as info:
         load_dit(missing)
     assert "nope.pt" in str(info.value)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_dit(tmp_path)  # a directory is not a checkpoint file
+    with pytest.raises(CheckpointError, match="has no transformer/config.json"):
+        load_dit(tmp_path)  # a folder is read as a diffusers DiT; this one is not
 
 
 def test_missing_and_unexpected_keys(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from freedit.runtime import noise
-from freedit.runtime.pipeline import Pipeline
+from freedit.runtime.pipeline import NoDecoderError, Pipeline
 from freedit.runtime.schedule import Schedule
 
 
@@ -58,8 +58,11 @@ def test_stats_and_summary(tiny_pipe):
     assert [s["label"] for s in result.stats] == [1, 2, 3]
     assert result.summary["nfe_speedup"] == 1.0
     assert result.summary["batched_target_calls"] == 20  # 2 slots: [0,1] for 10 calls, then [2]
-    assert result.images.dtype == np.uint8 and result.images.shape == (3, 8, 8, 4)
     assert all(s["seconds"] > 0 for s in result.stats)
+    # The tiny DiT is a latent one (4 channels) without a decoder: latents, never a 4-channel "image".
+    assert result.latents.shape == (3, 4, 8, 8) and "decode_seconds" not in result.summary
+    with pytest.raises(NoDecoderError, match="export its vae_decoder.onnx"):
+        result.images
 
 
 def test_ddim_is_deterministic_given_the_start(tiny_pipe):
@@ -94,8 +97,8 @@ def test_missing_model_files(tmp_path):
         Pipeline.from_directory(tmp_path)
 
 
-def test_runtime_runs_without_torch(tiny_model_dir):
-    """The runtime must import and sample with torch (and scikit-learn) unavailable."""
+def test_runtime_runs_without_torch(tiny_model_dir, tiny_latent_dir):
+    """The runtime must import, sample and decode with torch (and scikit-learn) unavailable."""
     code = textwrap.dedent(f"""
         import sys
         class Block:
@@ -107,6 +110,8 @@ def test_runtime_runs_without_torch(tiny_model_dir):
         from freedit.benchmarks.quality import DigitsClassifier
         r = Pipeline.from_directory({str(tiny_model_dir)!r}).generate([0, 1], steps=5)
         assert r.samples.shape == (2, 4, 8, 8)
+        r = Pipeline.from_directory({str(tiny_latent_dir)!r}).generate([207], steps=3)
+        assert r.images.shape == (1, 64, 64, 3)
         assert not any(m.split('.')[0] == 'torch' for m in sys.modules)
         print('ok')
     """)

@@ -1,4 +1,4 @@
-"""The backend interface: run a named engine (``dit``, ``drafter``) on named arrays or bound buffers.
+"""The backend interface: run a named engine (``dit``, ``drafter``, ``vae_decoder``) on named arrays or bound buffers.
 
 Samplers only ever talk to this interface, so ONNX Runtime, TensorRT and torch backends drive
 the same sampling code. Two ways to call an engine:
@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from freedit.runtime.contract import CONTRACTS, ModelInfo
+from freedit.runtime.contract import CONTRACTS, DecoderInfo, ModelInfo
 
 
 class BoundEngine:
@@ -64,8 +64,8 @@ class Backend(ABC):
         """Names of the engines this backend has loaded."""
 
     @abstractmethod
-    def info(self, engine: str) -> ModelInfo:
-        """The model description read from the engine's metadata."""
+    def info(self, engine: str) -> ModelInfo | DecoderInfo:
+        """The model description read from the engine's metadata (DecoderInfo for the ``vae_decoder``)."""
 
     @abstractmethod
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

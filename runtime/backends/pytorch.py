@@ -1,7 +1,8 @@
 """PyTorch backend (extra `torch`): the DiT and drafter as torch modules, eager or torch.compile'd.
 
 The same contracts as the ONNX graphs (runtime/contract.py): ``dit`` (x, t, y) -> (eps_v, feat),
-``drafter`` (feat, x, t, y[, t_feat]) -> (draft_feat, eps_v). ``precision``: "fp32", "tf32"
+``drafter`` (feat, x, t, y[, t_feat]) -> (draft_feat, eps_v), ``vae_decoder`` latent -> image
+(diffusers' AutoencoderKL, extra `vae`). ``precision``: "fp32", "tf32"
 (TensorFloat-32 matrix multiplies on CUDA) or "bf16" (autocast: bf16 matrix multiplies and
 attention, fp32 elsewhere); the I/O stays fp32 and every result states the precision.
 
@@ -22,10 +23,10 @@ import numpy as np
 
 from freedit.errors import BackendUnavailable
 from freedit.runtime.backends.base import Backend, BoundEngine
-from freedit.runtime.contract import ModelInfo
+from freedit.runtime.contract import DecoderInfo, ModelInfo
 
 #: Default checkpoint names in a model directory; pipeline.json's "checkpoints" overrides them.
-CHECKPOINTS = {"dit": "dit.safetensors", "drafter": "drafter.safetensors"}
+CHECKPOINTS = {"dit": "dit.safetensors", "drafter": "drafter.safetensors", "vae_decoder": "vae"}
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -33,7 +34,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, dit, drafter=None, device: str = "cpu", compile: bool = False, mode: str | None = None,
-                 threads: int | None = None, precision: str = "fp32"):
+                 threads: int | None = None, precision: str = "fp32", vae=None):
         import torch
 
         if precision not in PRECISIONS:
@@ -53,37 +54,50 @@ class TorchBackend(Backend):
         if drafter is not None:
             drafter.dit.to(self.device)  # the drafter reuses the DiT's embedders and head
             self._modules["drafter"] = drafter.eval().to(self.device)
+        cfg = dit.config
+        self._info = {"dit": ModelInfo(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
+                                       hidden_size=cfg.hidden_size, num_classes=cfg.num_classes,
+                                       learn_sigma=cfg.learn_sigma, cfg_mode=cfg.cfg_mode)}
+        self._info["drafter"] = self._info["dit"]
+        if vae is not None:
+            from freedit.export.vae import VaeDecoderGraph, decoder_metadata
+
+            self._modules["vae_decoder"] = VaeDecoderGraph(vae).eval().to(self.device)
+            self._info["vae_decoder"] = DecoderInfo(**decoder_metadata(vae, cfg.input_size))
         self._run = {name: (torch.compile(m, mode=mode, dynamic=True) if compile else m)
                      for name, m in self._modules.items()}
-        self._outputs = {"dit": ("eps_v", "feat"), "drafter": ("draft_feat", "eps_v")}
+        self._outputs = {"dit": ("eps_v", "feat"), "drafter": ("draft_feat", "eps_v"), "vae_decoder": ("image",)}
         self._inputs = {"dit": ("x", "t", "y"),
                         "drafter": ("feat", "x", "t", "y") + (("t_feat",) if drafter is not None and
                                                                "t_feat" in inspect.signature(drafter.forward).parameters
-                                                               else ())}
-        cfg = dit.config
-        self._info = ModelInfo(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
-                               hidden_size=cfg.hidden_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma,
-                               cfg_mode=cfg.cfg_mode)
+                                                               else ()),
+                        "vae_decoder": ("latent",)}
         self.name = f"torch-{self.device.type}" + ("-compiled" if compile else "") + \
             ("" if precision == "fp32" else f"-{precision}")
 
     @classmethod
-    def from_checkpoints(cls, dit_path: str | Path, drafter_path: str | Path | None = None, **kwargs) -> "TorchBackend":
+    def from_checkpoints(cls, dit_path: str | Path, drafter_path: str | Path | None = None,
+                         vae_path: str | Path | None = None, **kwargs) -> "TorchBackend":
+        """``vae_path``: a diffusers AutoencoderKL folder (`freedit export --torch-weights` writes ``vae/``)."""
         from freedit.export.checkpoint import load_dit
 
         dit = load_dit(dit_path)
-        drafter = None
+        drafter = vae = None
         if drafter_path is not None:
             from freedit.export.drafter import load_drafter
 
             drafter = load_drafter(drafter_path, dit)
-        return cls(dit, drafter, **kwargs)
+        if vae_path is not None:
+            from freedit.export.vae import load_vae
+
+            vae = load_vae(str(vae_path))
+        return cls(dit, drafter, vae=vae, **kwargs)
 
     def engines(self) -> tuple[str, ...]:
         return tuple(self._modules)
 
-    def info(self, engine: str) -> ModelInfo:
-        return self._info
+    def info(self, engine: str) -> ModelInfo | DecoderInfo:
+        return self._info[engine]
 
     def inputs(self, engine: str) -> tuple[str, ...]:
         return self._inputs[engine]

@@ -22,7 +22,7 @@ import numpy as np
 
 from freedit.errors import BackendUnavailable, CapacityError
 from freedit.runtime.backends.base import Backend, BoundEngine
-from freedit.runtime.contract import CONFIG_METADATA_KEY, ModelInfo
+from freedit.runtime.contract import CONFIG_METADATA_KEY, DecoderInfo, ModelInfo
 
 # The contracts' I/O is fp32 / int64 in every precision (runtime/contract.py); these cover it.
 _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -165,9 +165,13 @@ class TensorRTBackend(Backend):
         _check(rt.cudaSetDevice(device_id))
         runtime = self.trt.module.Runtime(self.trt.module.Logger(self.trt.module.Logger.ERROR))
         self._engines = {g: _Engine(self.trt, runtime, plan) for g, plan in unit.plans.items()
-                         if g in ("dit", "drafter")}
+                         if g in ("dit", "drafter", "vae_decoder")}
         self._info = {g: ModelInfo.from_json(m.data["onnx"]["config"]) for g, m in unit.manifests.items()
                       if g in self._engines and m.data["onnx"].get("config")}
+        if "vae_decoder" in self._engines:  # its manifest carries the decoder's own metadata, not a DiT config
+            decoder = unit.manifests["vae_decoder"].data["onnx"].get("decoder")
+            if decoder:
+                self._info["vae_decoder"] = DecoderInfo.from_json(decoder, str(unit.plans["vae_decoder"]))
         if set(self._info) != set(self._engines):
             raise RuntimeError(f"a manifest in {unit.directory} lacks the model's {CONFIG_METADATA_KEY}")
         self.name = f"tensorrt-{self.trt.kind}"
@@ -176,7 +180,7 @@ class TensorRTBackend(Backend):
     def engines(self) -> tuple[str, ...]:
         return tuple(self._engines)
 
-    def info(self, engine: str) -> ModelInfo:
+    def info(self, engine: str) -> ModelInfo | DecoderInfo:
         return self._info[engine]
 
     memory = "cuda"
