@@ -19,47 +19,113 @@ class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
-def parse_labels(text: str) -> list[int]:
-    """'0-9', '3,5,7', '4' or a mix such as '0-2,7' -> list of ints."""
-    labels: list[int] = []
-    for part in text.split(","):
-        bounds = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (exit 2), like every other refusal."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def ascii_int(text: str) -> int:
+    """int() also takes non-ASCII digits ('٣') and underscores ('1_0'); options take plain integers."""
+    if not _INT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected an integer written with the digits 0-9, got {text!r}")
+    return int(text)
+
+
+def ascii_float(text: str) -> float:
+    """float() also takes 'nan', 'inf', non-ASCII digits and underscores; options take finite decimals."""
+    if not _FLOAT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a finite decimal number such as 1.5, got {text!r}")
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond the range of a float")
+    return value
+
+
+def bounded(parse, what: str, lo, hi, note: str = ""):
+    """An argparse type: ``parse`` then the bound check runtime/limits.py applies to the API too."""
+    from freedit.runtime.limits import check_int, check_number
+
+    check = check_int if parse is ascii_int else check_number
+
+    def convert(text: str):
         try:
-            labels += list(range(int(bounds[1]), int(bounds[2]) + 1)) if bounds else [int(part)]
-        except ValueError:
-            raise UsageError(f"--classes {text!r}: expected integers such as '0-9' or '1,4,7'") from None
-    return labels
+            return check(what, parse(text), lo, hi, *([note] if note else []))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def steps_arg(text: str) -> int | str:
+    """--steps: a count (checked against 1..1000 by the pipeline) or a DiT spacing such as 'ddim50'."""
+    text = text.strip()
+    if not text or not text.isascii():
+        raise argparse.ArgumentTypeError(f"expected a step count such as 250 or a spacing such as 'ddim50', got {text!r}")
+    return int(text) if _INT.fullmatch(text) else text
+
+
+_LABELS = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", re.ASCII)
+
+
+def parse_labels(text: str, repeat: int = 1) -> list[int]:
+    """'0-9', '3,5,7', '4' or a mix such as '0-2,7', each label ``repeat`` times. The count is checked
+    against MAX_IMAGES before any list is built, so '0-1000000000' is refused at once."""
+    from freedit.runtime.limits import MAX_IMAGES
+
+    ranges = []
+    for part in text.split(","):
+        m = _LABELS.fullmatch(part)
+        if not m:
+            raise UsageError(f"--classes {text!r}: expected integers (digits 0-9) such as '0-9' or '1,4,7'")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if hi < lo:
+            raise UsageError(f"--classes: the range {part.strip()!r} is empty (it ends below its start)")
+        ranges.append((lo, hi))
+    total = sum(hi - lo + 1 for lo, hi in ranges) * repeat
+    if total > MAX_IMAGES:
+        raise UsageError(f"--classes {text!r} with --per-class {repeat} asks for {total:,} images; at most "
+                         f"{MAX_IMAGES:,} per command")
+    return [y for lo, hi in ranges for y in range(lo, hi + 1) for _ in range(repeat)]
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from freedit.runtime.images import check_writable, make_grid, save_png
+    from freedit.runtime.budget import image_output_bytes
+    from freedit.runtime.images import make_grid, png_bytes
+    from freedit.runtime.outputs import check_output, check_output_folder, json_safe, write_outputs
     from freedit.runtime.pipeline import Pipeline, default_model_dir
 
-    labels = [y for y in parse_labels(args.classes) for _ in range(args.per_class)]
-    if args.per_class < 1:
-        raise UsageError(f"--per-class must be at least 1, got {args.per_class}")
-    steps = int(args.steps) if args.steps is not None and args.steps.lstrip("-").isdigit() else args.steps
-    out = check_writable(args.out)
-    if args.samples_dir:
-        Path(args.samples_dir).mkdir(parents=True, exist_ok=True)
-        check_writable(Path(args.samples_dir) / "x.png")
-    if args.stats:
-        check_writable(args.stats)
+    labels = parse_labels(args.classes, args.per_class)
+    out = check_output(args.out)
+    samples_dir = check_output_folder(args.samples_dir) if args.samples_dir else None  # created only when written
+    stats = check_output(args.stats) if args.stats else None
+    if stats is not None and Path(stats).resolve() == Path(out).resolve() and not Path(out).is_char_device():
+        raise UsageError(f"--stats and --out name the same file {out}")
     model = args.model or default_model_dir()
     pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads)
-    result = pipe.generate(labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                           batch_size=args.batch_size, window=args.window, relax=args.relax,
-                           progress=not args.no_progress)
-    save_png(make_grid(result.images, ncol=args.per_class if args.per_class > 1 else min(10, len(labels)),
-                       scale=args.scale), out)
-    if args.samples_dir:
+    info = pipe.info
+    settings = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
+                    window=args.window, relax=args.relax)
+    # Before a single step: every setting, and the memory of sampling plus the images to be written.
+    written = image_output_bytes(len(labels), info.input_size, info.input_size, info.in_channels, args.scale,
+                                 samples_dir is not None)
+    pipe.validate(labels, seed=args.seed, **pipe.resolve(**settings), extra_bytes=written)
+    result = pipe.generate(labels, seed=args.seed, **settings, progress=not args.no_progress)
+    ncol = args.per_class if args.per_class > 1 else min(10, len(labels))
+    files = {out: png_bytes(make_grid(result.images, ncol=ncol, scale=args.scale))}
+    if samples_dir is not None:
         for stat, image in zip(result.stats, result.images):
-            save_png(make_grid(image[None], 1, pad=0, scale=args.scale),
-                     Path(args.samples_dir) / f"{stat['sample']:05d}_class{stat['label']}.png")
-    if args.stats:
-        tmp = Path(str(args.stats) + ".tmp")
-        tmp.write_text(json.dumps({"settings": result.settings, "summary": result.summary, "samples": result.stats}, indent=1))
-        tmp.replace(args.stats)
+            files[samples_dir / f"{stat['sample']:05d}_class{stat['label']}.png"] = png_bytes(
+                make_grid(image[None], 1, pad=0, scale=args.scale))
+    if stats is not None:
+        record = {"settings": result.settings, "summary": result.summary, "samples": result.stats}
+        files[stats] = json.dumps(json_safe(record), indent=1, allow_nan=False).encode()
+    write_outputs(files)  # all of them or none
     print(summary_line(out, args.classes, result))
     return 0
 
@@ -102,7 +168,7 @@ def _export(args: argparse.Namespace) -> int:
     external = {"auto": None, "always": True}[args.external_data]
     t0 = time.perf_counter()
     _log(f"loading {checkpoint} ...")
-    model = load_dit(checkpoint, config)
+    model = load_dit(checkpoint, config, num_heads=args.num_heads)
     drafter = None
     if drafter_path:
         from freedit.export.drafter import load_drafter
@@ -194,7 +260,7 @@ def _check(args: argparse.Namespace) -> int:
     from freedit.export.checkpoint import load_dit
     from freedit.export.dit import DiTConfig
     from freedit.export.onnx_export import dit_spec, drafter_spec
-    from freedit.runtime.contract import onnx_metadata
+    from freedit.runtime.contract import CONFIG_METADATA_KEY, onnx_metadata
     from freedit.runtime.pipeline import default_model_dir
 
     model_dir = _model_dir(args.model_dir)
@@ -206,8 +272,17 @@ def _check(args: argparse.Namespace) -> int:
     drafter_path = args.drafter or (default_model_dir() / "drafter.safetensors" if bundled else None)
     if not (model_dir / "dit.onnx").is_file():
         raise UsageError(f"{model_dir / 'dit.onnx'} does not exist")
+    if args.json:
+        from freedit.runtime.outputs import check_output
+
+        check_output(args.json)
     meta = onnx_metadata(model_dir / "dit.onnx")
-    model = load_dit(checkpoint, DiTConfig.from_dict(json.loads(meta["freedit.config"])))
+    try:
+        config = DiTConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY]))
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise UsageError(f"{model_dir / 'dit.onnx'}: no usable '{CONFIG_METADATA_KEY}' metadata ({str(exc)[:120]}); "
+                         f"export it with `freedit export`") from None
+    model = load_dit(checkpoint, config)
     specs = {"dit": dit_spec(model)}
     if (model_dir / "drafter.onnx").is_file():
         if not drafter_path:
@@ -240,12 +315,16 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{head}: {'PASS' if r.passed else 'FAIL'} (tolerance {r.tolerance:g} x output scale)")
         for name, m in r.metrics.items():
             print(f"  {name:10s} max abs {m['max_abs']:.2e}  mean abs {m['mean_abs']:.2e}  p99 abs {m['p99_abs']:.2e}  "
-                  f"max rel. to scale {m['max_rel_to_scale']:.2e}")
+                  f"max rel. to scale {m['max_rel_to_scale']:.2e}"
+                  + (f"  NON-FINITE values {m['nonfinite']:,}" if m["nonfinite"] else ""))
     ran = [r for r in results if not r.skipped]
     verdict = all(r.passed for r in ran)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model_dir": str(model_dir), "passed": verdict,
-                                               "pairs": [r.to_dict() for r in results]}, indent=1))
+        from freedit.runtime.outputs import json_safe, write_outputs
+
+        write_outputs({args.json: json.dumps(json_safe({"model_dir": str(model_dir), "passed": verdict,
+                                                        "pairs": [r.to_dict() for r in results]}),
+                                             indent=1, allow_nan=False).encode()})
     print(f"verdict: {'PASS' if verdict else 'FAIL'} ({len(ran)} comparisons ran, {len(results) - len(ran)} skipped)")
     return 0 if verdict else 1
 
@@ -359,33 +438,48 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from freedit.runtime import limits as lim
+
+    parser = OneLineParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     g = sub.add_parser("generate", formatter_class=fmt, help="sample images (default: the bundled digits DiT, CPU)",
                        description="Sample class-conditional images and write a PNG grid (one row per class).")
-    g.add_argument("--classes", default="0-9", help="class labels: a range '0-9', a list '1,4,7' or a mix")
-    g.add_argument("--per-class", type=int, default=8, help="images per class label")
+    g.add_argument("--classes", default="0-9", help="class labels: a range '0-9', a list '1,4,7' or a mix; "
+                   f"classes x --per-class at most {lim.MAX_IMAGES:,} images")
+    g.add_argument("--per-class", type=bounded(ascii_int, "value", 1, lim.MAX_IMAGES), default=8,
+                   help=f"images per class label, 1..{lim.MAX_IMAGES:,}")
     g.add_argument("--sampler", default=None, help="free (lossless FREE, the default with a drafter), free-relax "
                    "(tempered accept test), frozen (training-free drafter), sequential (DDPM, one DiT call per step) "
                    "or ddim (eta 0)")
-    g.add_argument("--window", type=int, default=None, help="FREE's draft window L, >= 1 (default: the model's)")
-    g.add_argument("--relax", type=float, default=None, help="FREE (relax) lambda >= 0; 0 = lossless (default: the model's)")
-    g.add_argument("--steps", default=None, help="step count (e.g. 250) or DiT spacing ('ddim50', '10,20,30'); "
-                   "default: the model's, 250 for the bundled model")
-    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, >= 0 (1 = off); "
+    g.add_argument("--window", type=bounded(ascii_int, "window length L", 1, lim.MAX_WINDOW), default=None,
+                   help=f"FREE's draft window L, 1..{lim.MAX_WINDOW} (default: the model's)")
+    g.add_argument("--relax", type=bounded(ascii_float, "relax lambda", 0, lim.MAX_RELAX), default=None,
+                   help=f"FREE (relax) lambda, 0..{lim.MAX_RELAX:g}; 0 = lossless (default: the model's)")
+    g.add_argument("--steps", type=steps_arg, default=None, help="step count 1..1000 (e.g. 250) or DiT spacing "
+                   "('ddim50', '10,20,30'); default: the model's, 250 for the bundled model")
+    g.add_argument("--cfg-scale", type=bounded(ascii_float, "cfg scale", 0, lim.MAX_CFG_SCALE, " (1 = no guidance)"),
+                   default=None, help=f"classifier-free guidance scale, 0..{lim.MAX_CFG_SCALE:g} (1 = off); "
                    "default: the model's documented scale")
-    g.add_argument("--seed", type=int, default=0, help="random seed; same seed => same images")
-    g.add_argument("--batch-size", type=int, default=None, help="samples in flight per DiT call (default: the model's, 64)")
-    g.add_argument("--out", default="freedit_samples.png", help="PNG grid to write")
-    g.add_argument("--samples-dir", default=None, help="also write one PNG per sample into this folder")
+    g.add_argument("--seed", type=bounded(ascii_int, "seed", 0, 2**64 - 1), default=0,
+                   help="random seed in [0, 2**64); same seed => same images")
+    g.add_argument("--batch-size", type=bounded(ascii_int, "batch size", 1, lim.MAX_BATCH_SIZE), default=None,
+                   help=f"samples in flight per DiT call, 1..{lim.MAX_BATCH_SIZE:,} (default: the model's, 64)")
+    g.add_argument("--out", default="freedit_samples.png", help="PNG grid to write. Every output is written under "
+                   "a temporary name and renamed once all are ready (all or none); a symlink's target file is "
+                   "replaced; a device or FIFO (/dev/null, /dev/stdout) is written in place")
+    g.add_argument("--samples-dir", default=None, help="also write one PNG per sample into this folder (created "
+                   "only when the images are written)")
     g.add_argument("--stats", default=None, help="write settings, summary and per-sample statistics as JSON here")
-    g.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the written images")
+    g.add_argument("--scale", type=bounded(ascii_int, "value", 1, lim.MAX_SCALE), default=4,
+                   help=f"nearest-neighbour upscaling of the written images, 1..{lim.MAX_SCALE}; the memory of "
+                        "sampling and of the images is estimated first and must fit the machine")
     g.add_argument("--model", default=None, help="model directory with dit.onnx (default: the bundled digits DiT)")
     g.add_argument("--backend", default="onnxruntime", help="onnxruntime, onnxruntime-cuda, torch, torch-compiled, "
                    "torch-cuda, torch-cuda-compiled or tensorrt (plans from `freedit build`)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime or torch (default: up to 8)")
+    g.add_argument("--threads", type=bounded(ascii_int, "value", 1, lim.MAX_THREADS), default=None,
+                   help=f"CPU threads of ONNX Runtime or torch, 1..{lim.MAX_THREADS} (default: up to 8)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
@@ -396,13 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="bundled", help="DiT-XL-2-256x256.pt, a train.py checkpoint, .safetensors, "
                    "or 'bundled' (the digits DiT and its drafter)")
     e.add_argument("--config", default=None, help="official config name such as DiT-XL/2 (default: inferred from the file)")
-    e.add_argument("--image-size", type=int, default=256, help="image size for an official config (latent = size / 8)")
+    e.add_argument("--image-size", type=ascii_int, default=256, help="image size for an official config (latent = size / 8)")
+    e.add_argument("--num-heads", type=bounded(ascii_int, "value", 1, 1024), default=None,
+                   help="attention heads of a checkpoint that does not record its config and is not an official "
+                        "DiT size (the weights do not say; freedit refuses to guess)")
     e.add_argument("--out", required=True, help="output model directory (dit.onnx, drafter.onnx, vae_decoder.onnx)")
     e.add_argument("--drafter", default=None, help="drafter.safetensors from `freedit train-drafter` (exports drafter.onnx)")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="GEMM/attention precision in the graph; LayerNorm, modulation, gates, residuals and the "
                         "timestep embedding stay fp32")
-    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18, or 22 for bf16)")
+    e.add_argument("--opset", type=ascii_int, default=None, help="ONNX opset (default: 18, or 22 for bf16)")
     e.add_argument("--vae", default="none", help="also export the VAE decoder of a latent DiT: a diffusers folder, "
                    "a hub id (stabilityai/sd-vae-ft-ema), or 'random' (SD VAE shape, random weights)")
     e.add_argument("--external-data", default="auto", choices=["auto", "always"],
@@ -414,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a DiT checkpoint with random weights in the official format (.pt state dict) "
                                    "or ours (.safetensors), for sizing engines and benchmarking cost curves.")
     r.add_argument("--config", default="DiT-XL/2", help="official config name")
-    r.add_argument("--image-size", type=int, default=256, help="image size (latent = size / 8)")
-    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--image-size", type=ascii_int, default=256, help="image size (latent = size / 8)")
+    r.add_argument("--seed", type=ascii_int, default=0, help="random seed")
     r.add_argument("--out", required=True, help="checkpoint to write (.pt = official format, .safetensors = ours)")
     r.set_defaults(func=_init_checkpoint)
 
@@ -428,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
                    help="auto = tensorrt when installed, else tensorrt-rtx")
     b.add_argument("--batch-sizes", default="1,8", help="samples in flight per micro-batch the engines must serve")
-    b.add_argument("--window", type=int, default=8, help="FREE's window L: the DiT verifies B*(L+1) states per call")
+    b.add_argument("--window", type=ascii_int, default=8, help="FREE's window L: the DiT verifies B*(L+1) states per call")
     b.add_argument("--no-cfg", action="store_true", help="engines for guidance scale 1 (one row per state, not two)")
     b.add_argument("--static-batches", default="", help="sample batch sizes that also get exact-shape profiles "
                    "(for CUDA graphs), e.g. '1,8'")
@@ -463,14 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch-sizes", default="64", help="samples in flight")
     k.add_argument("--steps", default="250", help="step counts")
     k.add_argument("--cfg-scales", default="default", help="CFG scales ('default' = the model's)")
-    k.add_argument("--n", type=int, default=256, help="images per configuration and repeat")
-    k.add_argument("--repeats", type=int, default=1, help="repeats (medians and p90 over them)")
-    k.add_argument("--seed", type=int, default=0, help="seed of every measured run")
-    k.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime / torch")
+    k.add_argument("--n", type=ascii_int, default=256, help="images per configuration and repeat")
+    k.add_argument("--repeats", type=ascii_int, default=1, help="repeats (medians and p90 over them)")
+    k.add_argument("--seed", type=ascii_int, default=0, help="seed of every measured run")
+    k.add_argument("--threads", type=ascii_int, default=None, help="CPU threads of ONNX Runtime / torch")
     k.add_argument("--reference", default=None, help=".npz of uint8 images [N,H,W,3]: FID/IS for ImageNet models")
     k.add_argument("--no-quality", action="store_true", help="skip FD/accuracy/FID")
-    k.add_argument("--adaptive-max-window", type=int, default=8, help="largest L the adaptive window may choose")
-    k.add_argument("--pilot-n", type=int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
+    k.add_argument("--adaptive-max-window", type=ascii_int, default=8, help="largest L the adaptive window may choose")
+    k.add_argument("--pilot-n", type=ascii_int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
     k.add_argument("--out", default="bench_results", help="output folder")
     k.add_argument("--name", default="bench", help="file stem of the outputs")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -479,11 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-dit", formatter_class=fmt, help="train the bundled digits DiT (needs the torch extra)",
                        description="Train the class-conditional digits DiT on scikit-learn's digits (resumable).")
     t.add_argument("--out", default="runs/digits", help="output folder (state.pt, digits_dit.safetensors, train_log.json)")
-    t.add_argument("--steps", type=int, default=5000, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=256, help="images per step")
-    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, then cosine decay)")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    t.add_argument("--steps", type=ascii_int, default=5000, help="optimizer steps")
+    t.add_argument("--batch-size", type=ascii_int, default=256, help="images per step")
+    t.add_argument("--lr", type=ascii_float, default=5e-4, help="peak learning rate (warm-up, then cosine decay)")
+    t.add_argument("--seed", type=ascii_int, default=0, help="random seed")
+    t.add_argument("--threads", type=ascii_int, default=2, help="torch CPU threads")
     t.set_defaults(func=_train_dit)
 
     d = sub.add_parser("train-drafter", formatter_class=fmt, help="distil FREE's drafter from a DiT (torch extra)",
@@ -492,16 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dit", required=True, help="the frozen target: our .safetensors or an official .pt")
     d.add_argument("--out", default="runs/drafter", help="output folder (trajectories.pt, state.pt, drafter.safetensors)")
     d.add_argument("--steps", default="250", help="inference step count the drafter is trained for")
-    d.add_argument("--cfg-scale", type=float, default=1.5, help="inference CFG scale the drafter is trained for")
-    d.add_argument("--trajectories", type=int, default=320, help="training trajectories")
-    d.add_argument("--held-out", type=int, default=32, help="held-out trajectories for the acceptance report")
-    d.add_argument("--depth", type=int, default=1, help="drafter transformer blocks")
-    d.add_argument("--train-steps", type=int, default=2000, help="optimizer steps")
-    d.add_argument("--batch-size", type=int, default=128, help="drafted positions per step")
-    d.add_argument("--unroll", type=int, default=3, help="steps unrolled with drafted features fed back")
-    d.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    d.add_argument("--seed", type=int, default=0, help="random seed")
-    d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    d.add_argument("--cfg-scale", type=ascii_float, default=1.5, help="inference CFG scale the drafter is trained for")
+    d.add_argument("--trajectories", type=ascii_int, default=320, help="training trajectories")
+    d.add_argument("--held-out", type=ascii_int, default=32, help="held-out trajectories for the acceptance report")
+    d.add_argument("--depth", type=ascii_int, default=1, help="drafter transformer blocks")
+    d.add_argument("--train-steps", type=ascii_int, default=2000, help="optimizer steps")
+    d.add_argument("--batch-size", type=ascii_int, default=128, help="drafted positions per step")
+    d.add_argument("--unroll", type=ascii_int, default=3, help="steps unrolled with drafted features fed back")
+    d.add_argument("--lr", type=ascii_float, default=1e-3, help="peak learning rate")
+    d.add_argument("--seed", type=ascii_int, default=0, help="random seed")
+    d.add_argument("--threads", type=ascii_int, default=2, help="torch CPU threads")
     d.set_defaults(func=_train_drafter)
 
     v = sub.add_parser("serve", formatter_class=fmt, help="serve generation over HTTP with Ray Serve (serving extra)",

@@ -25,7 +25,7 @@ class SequentialSampler:
         if self.ddim:
             x_next = ops.ddim_step(schedule, x, eps_v, steps)
         else:
-            mean, log_var = ops.transition(schedule, x, eps_v, steps)
+            mean, log_var = ops.transition(schedule, x, eps_v, steps, self.target.info.fixed_variance)
             z = noise.normal(self.seed, [s.index for s in states], steps, noise.Purpose.STEP, x.shape[1:])
             x_next = ops.ddpm_step(mean, log_var, steps, z)
         for state, new in zip(states, x_next):

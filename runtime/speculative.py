@@ -145,7 +145,7 @@ class SpeculativeSampler:
                 keep = np.searchsorted(prev_rows, rows)
                 feat, eps_carry = feat[keep], eps_carry[keep]
             eps_v, feat = self.drafter(x_tilde[k - 1][rows], steps, labels[rows], feat, eps_carry)
-            mp, lvp = ops.transition(sched, x_tilde[k - 1][rows], eps_v, steps)
+            mp, lvp = ops.transition(sched, x_tilde[k - 1][rows], eps_v, steps, self.target.info.fixed_variance)
             z = self._normal(ids[rows], steps, noise.Purpose.DRAFT, shape)
             nxt = x_tilde[k - 1].copy()
             nxt[rows] = (mp + np.exp(0.5 * lvp) * z).astype(np.float32)
@@ -165,7 +165,7 @@ class SpeculativeSampler:
         v_steps = start[owner] - position
         v_x = np.stack([x_tilde[k][i] for i, k in zip(owner, position)])
         eps_q, feat_q = self.target(v_x, v_steps, labels[owner])
-        mean_q, log_var_q = ops.transition(sched, v_x, eps_q, v_steps)
+        mean_q, log_var_q = ops.transition(sched, v_x, eps_q, v_steps, self.target.info.fixed_variance)
         feat_q = split_rows(feat_q, self.target.guided)
         first_row = np.concatenate([[0], np.cumsum(windows + 1)[:-1]])
         r.eps_q, r.feat_q, r.mean_q, r.log_var_q, r.first_row = eps_q, feat_q, mean_q, log_var_q, first_row

@@ -42,7 +42,7 @@ class TorchBackend(Backend):
         cfg = dit.config
         self._info = ModelInfo(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
                                hidden_size=cfg.hidden_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma,
-                               cfg_mode=cfg.cfg_mode)
+                               cfg_mode=cfg.cfg_mode, fixed_variance=cfg.fixed_variance)
         self.name = f"torch-{self.device.type}" + ("-compiled" if compile else "")
 
     @classmethod
