@@ -400,20 +400,29 @@ def _serve(args: argparse.Namespace) -> int:
         raise FreeditError(f"`freedit serve` needs Ray Serve ({exc.name} is missing): "
                            f"pip install 'freedit[serving]'") from None
     flags = {"num_replicas": "--replicas", "batch_wait_timeout_s": "--batch-wait-ms",
-             "graceful_shutdown_timeout_s": "--graceful-timeout"}
+             "graceful_shutdown_timeout_s": "--graceful-timeout", "token_sha256": "--token-file"}
     model = _model_dir(args.model) if args.model else None
     if model is not None and not (model / "dit.onnx").is_file():
         raise UsageError(f"{model} has no dit.onnx; export one with `freedit export --out {model}`")
+    token = _read_token(args.token_file) if args.token_file else None
     try:
         config = serving.ServeConfig(
             model=str(model) if model else None, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
             num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
             max_images=args.max_images, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_ms / 1000, max_ongoing_requests=args.max_ongoing_requests,
-            max_queued_requests=args.max_queued_requests, graceful_shutdown_timeout_s=args.graceful_timeout)
+            max_queued_requests=args.max_queued_requests, graceful_shutdown_timeout_s=args.graceful_timeout,
+            max_body_bytes=args.max_body_bytes, token_sha256=serving.token_digest(token) if token else None)
     except pydantic.ValidationError as exc:
         raise UsageError("; ".join(f"{flags.get(e['loc'][0], '--' + e['loc'][0].replace('_', '-'))}: {e['msg']}"
                                    for e in exc.errors())) from None
+    if model is not None and args.backend.startswith("onnxruntime"):
+        # The replicas' own load, once here: a model folder that does not load is one line, not a
+        # replica's traceback relayed by Ray (other backends may need the replicas' GPUs; Ray's error
+        # is then reduced to its cause by serving.start).
+        from freedit.runtime.pipeline import Pipeline
+
+        Pipeline.from_directory(model, backend="onnxruntime", threads=1)
     if args.address is None:  # our own Ray: the port must be free here (on a cluster, every node's proxy binds it)
         with socket.socket() as probe:
             try:
@@ -435,6 +444,18 @@ def _serve(args: argparse.Namespace) -> int:
         serve.shutdown()
     print(f"stopped {args.name}")
     return 0
+
+
+def _read_token(path: str) -> str:
+    """The bearer token of `freedit serve --token-file`: a file (not the command line, which `ps` shows)."""
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    if len(token) < 16 or any(c.isspace() for c in token) or not token.isascii():
+        raise UsageError(f"--token-file {path}: the token must be one line of at least 16 ASCII characters "
+                         f"without spaces (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -605,28 +626,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run freedit as a Ray Serve application: POST /generate, GET /health, GET /stats, "
                                    "OpenAPI at /docs. Requests arriving together are batched; Ctrl-C or SIGTERM drains "
                                    "(503 to new work, in-flight work finishes) and stops. See docs/SERVING.md.")
-    v.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (0.0.0.0 for every interface)")
-    v.add_argument("--port", type=int, default=8000, help="HTTP port")
+    v.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (0.0.0.0 for every interface). "
+                   "With a loopback host and no --address, Ray's own ports listen on 127.0.0.1 only")
+    v.add_argument("--port", type=bounded(ascii_int, "value", 1, 65535), default=8000, help="HTTP port, 1..65535")
     v.add_argument("--address", default=None, help="Ray cluster to join ('auto' = the one `ray start` made on this "
                    "node, or ray://HOST:10001); default: start a private Ray on this machine")
     v.add_argument("--name", default="freedit", help="Serve application name")
     v.add_argument("--route-prefix", default="/", help="URL prefix of the application")
-    v.add_argument("--replicas", type=int, default=1, help="replicas, each with its own Pipeline")
-    v.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs Ray reserves per replica (1 = one GPU each)")
-    v.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    v.add_argument("--replicas", type=ascii_int, default=1, help="replicas, each with its own Pipeline")
+    v.add_argument("--gpus-per-replica", type=ascii_float, default=0.0, help="GPUs Ray reserves per replica (1 = one GPU each)")
+    v.add_argument("--cpus-per-replica", type=ascii_float, default=1.0, help="CPUs Ray reserves per replica")
     v.add_argument("--model", default=None, help="model directory with dit.onnx (default: the bundled digits DiT)")
     v.add_argument("--backend", default="onnxruntime", help="backend of every replica (see `generate --backend`)")
-    v.add_argument("--threads", type=int, default=None, help="CPU threads per replica (ONNX Runtime / torch)")
-    v.add_argument("--batch-size", type=int, default=None, help="samples in flight per DiT call (default: the model's)")
-    v.add_argument("--max-images", type=int, default=64, help="most class labels (images) one request may ask for")
-    v.add_argument("--max-steps", type=int, default=250, help="most sampling steps one request may ask for")
-    v.add_argument("--max-batch-size", type=int, default=16, help="most requests merged into one batch")
-    v.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests")
-    v.add_argument("--max-ongoing-requests", type=int, default=32, help="requests a replica holds (batch queue included)")
-    v.add_argument("--max-queued-requests", type=int, default=64, help="requests waiting for a replica before 503 "
+    v.add_argument("--threads", type=ascii_int, default=None, help="CPU threads per replica (ONNX Runtime / torch)")
+    v.add_argument("--batch-size", type=ascii_int, default=None, help="samples in flight per DiT call (default: the model's)")
+    v.add_argument("--max-images", type=ascii_int, default=64, help="most class labels (images) one request may ask for")
+    v.add_argument("--max-steps", type=ascii_int, default=250, help="most sampling steps one request may ask for")
+    v.add_argument("--max-batch-size", type=ascii_int, default=16, help="most requests merged into one batch")
+    v.add_argument("--batch-wait-ms", type=ascii_float, default=20.0, help="how long a batch waits for more requests")
+    v.add_argument("--max-ongoing-requests", type=ascii_int, default=32, help="requests a replica holds (batch queue included)")
+    v.add_argument("--max-queued-requests", type=ascii_int, default=64, help="requests waiting for a replica before 503 "
                    "(-1 = unbounded)")
-    v.add_argument("--request-timeout", type=float, default=300.0, help="seconds before the proxy answers 408")
-    v.add_argument("--graceful-timeout", type=float, default=120.0, help="seconds a stopping replica may take to "
+    v.add_argument("--request-timeout", type=ascii_float, default=300.0, help="seconds before the proxy answers 408")
+    v.add_argument("--max-body-bytes", type=ascii_int, default=64 * 1024,
+                   help="largest /generate body in bytes (413 above), 1024..67108864")
+    v.add_argument("--token-file", default=None, help="file holding a bearer token that POST /generate then requires "
+                   "(Authorization: Bearer TOKEN); replicas keep only its sha256")
+    v.add_argument("--graceful-timeout", type=ascii_float, default=120.0, help="seconds a stopping replica may take to "
                    "finish its in-flight requests")
     v.set_defaults(func=_serve)
     return parser
