@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from freedit.cli import main  # noqa: E402
-from freedit.export.checkpoint import CheckpointError, load_dit, random_dit, save_dit  # noqa: E402
+from freedit.export.checkpoint import CheckpointError, load_dit, random_dit  # noqa: E402
 from freedit.export.dit import DiT, DiTConfig  # noqa: E402
 from freedit.runtime.contract import ContractError, ModelInfo  # noqa: E402
 from freedit.runtime.pipeline import Pipeline, default_model_dir  # noqa: E402

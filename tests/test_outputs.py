@@ -63,6 +63,10 @@ def test_full_device_gives_enospc_exit_2_and_stays_a_device(capfd, tmp_path, dev
     assert link.is_symlink() and os.readlink(link) == "/dev/full"  # not replaced by a regular file
     assert stat.S_ISCHR(os.stat(link).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.png"]  # no temporary left
+    # --stats onto it: the grid (a regular file) is staged but never renamed into place.
+    rc, _, err = generate(capfd, "--out", tmp_path / "g.png", "--stats", link, "--samples-dir", tmp_path / "each")
+    assert rc == 2 and "No space left on device" in one_error(err) and "no output was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.png"] and stat.S_ISCHR(os.stat(link).st_mode)
 
 
 def test_null_device_is_written_in_place(capfd, tmp_path, device_link):
