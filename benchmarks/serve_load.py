@@ -6,7 +6,8 @@
 Starts a private Ray and the application on loopback, then, per request mode and concurrency C,
 keeps C requests in flight (closed loop) until --requests have been answered. Modes: "seeded"
 requests carry distinct seeds, so each needs its own generate call (batching only gathers them);
-"unseeded" ones let the server pack a batch into one call. Writes <out>.json (every request and
+"unseeded" ones get a secret seed and a call of their own each (since issue 15; before, the server
+packed them into one call per batch). Writes <out>.json (every request and
 figure, the command, versions and the machine's load), <out>.md and <out>.png (latency and
 throughput against concurrency).
 """
@@ -136,10 +137,9 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"{r['latency_p90_s']:.2f} | {r['latency_p99_s']:.2f} | {r['mean_batch_requests']:.1f} | "
                      f"{r['mean_call_requests']:.1f} |")
     lines += ["", "Seeded requests keep their own sample indices, so requests with different seeds run as separate "
-              "generate calls even inside one batch; unseeded requests are packed into one call per batch. On a CPU "
-              "a DiT call costs about in proportion to its rows, so packing saves little here and latency grows "
-              "with the queue. Packing is meant for GPUs, where a batched DiT call costs little more than a single "
-              "one (not measured here).", "",
+              "generate calls even inside one batch; so do unseeded requests, each with its own secret seed. On a "
+              "CPU a DiT call costs about in proportion to its rows, so separate calls cost little here and latency "
+              "grows with the queue.", "",
               f"![latency and throughput against concurrency]({path.with_suffix('.png').name})", ""]
     path.write_text("\n".join(lines))
 

@@ -19,7 +19,7 @@ from freedit.engine.manifest import FORMAT, Manifest, manifest_path, sha256_file
 from freedit.engine.profiles import BuildSettings, profiles_for
 from freedit.engine.tensorrt_api import TensorRT
 from freedit.errors import BuildError
-from freedit.runtime.contract import DECODER_METADATA_KEY, onnx_files
+from freedit.runtime.contract import DECODER_METADATA_KEY, load_graph, onnx_files
 
 #: TensorRT-RTX 1.x targets; it has no SM 9.0 (Hopper) target.
 RTX_DEFAULT_TARGETS = ("80", "86", "89", "120")
@@ -43,9 +43,7 @@ class BuiltPlan:
 
 def onnx_facts(onnx_path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Each input's shape after the batch dimension, and the freedit metadata of the graph."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_graph(onnx_path)
     shapes = {}
     for inp in model.graph.input:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]

@@ -99,9 +99,11 @@ class PairResult:
 
     @property
     def passed(self) -> bool | None:
+        """Within tolerance and all finite: a NaN/inf in either output fails (NaN compares false anyway,
+        but the count makes the reason explicit)."""
         if self.skipped:
             return None
-        return all(m["max_rel_to_scale"] <= self.tolerance for m in self.metrics.values())
+        return all(m["nonfinite"] == 0 and m["max_rel_to_scale"] <= self.tolerance for m in self.metrics.values())
 
     def to_dict(self) -> dict:
         return {"graph": self.graph, "reference": self.reference, "candidate": self.candidate,
@@ -120,11 +122,17 @@ def compare(graph: str, reference, candidate, feeds: list[dict], tolerance: floa
     for name in ref_iters[0].keys():
         ref = np.concatenate([np.asarray(it[name], np.float64).ravel() for it in ref_iters])
         got = np.concatenate([np.asarray(it[name], np.float64).ravel() for it in cand_iters])
+        finite = np.isfinite(ref) & np.isfinite(got)
         diff = np.abs(got - ref)
-        scale = max(1.0, float(np.abs(ref).max()))
-        out.metrics[name] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
-                             "p99_abs": float(np.quantile(diff, 0.99)), "max_rel_to_scale": float(diff.max()) / scale,
-                             "scale": scale}
+        # Errors over the finite pairs; every non-finite value is counted and fails the pair.
+        d = diff[finite] if finite.any() else np.zeros(1)
+        scale = max(1.0, float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 1.0)
+        out.metrics[name] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                             "p99_abs": float(np.quantile(d, 0.99)), "max_rel_to_scale": float(d.max()) / scale,
+                             "scale": scale, "nonfinite": int(np.count_nonzero(~np.isfinite(ref))
+                                                              + np.count_nonzero(~np.isfinite(got)))}
+    if not out.passed and any(m["nonfinite"] for m in out.metrics.values()):
+        return out  # failed on non-finite values; polygraphy's comparator need not agree on NaN semantics
     atol = {name: tolerance * m["scale"] for name, m in out.metrics.items()}
     accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0))
     if bool(accuracy) != out.passed:  # the two readings of the same tolerance must agree

@@ -5,7 +5,12 @@
       engines/                 what `freedit build` writes
         dit.plan  dit.plan.json          plan + manifest, per graph
         drafter.plan  drafter.plan.json
-        engines.json                     the unit: builder, settings, graphs
+        engines.json                     the unit: builder, settings, and per graph its plan's
+                                         name and the checksums of the plan and its manifest
+
+A unit is used only whole and as built: every graph of the model folder has its plan, every plan
+named by the index is a plain file inside the engine folder, and each plan and manifest still has
+the checksum the index recorded (so swapping a plan together with its manifest is caught too).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from freedit.engine.builder import BuiltPlan, build_plan, device_compute_capability
-from freedit.engine.manifest import Manifest, sha256_files, write_atomically
+from freedit.engine.manifest import Manifest, manifest_path, sha256_files, write_atomically
 from freedit.engine.profiles import BuildSettings
 from freedit.engine.tensorrt_api import TensorRT
 from freedit.errors import BuildError, StalePlanError
@@ -24,6 +29,7 @@ from freedit.runtime.contract import onnx_files
 
 GRAPHS = ("dit", "drafter", "vae_decoder")
 INDEX = "engines.json"
+INDEX_FORMAT = 2  # 1 had graph -> plan name only
 
 
 def engines_dir(model_dir: Path, out: Path | None = None) -> Path:
@@ -73,10 +79,50 @@ def build_directory(model_dir: Path, trt: TensorRT, settings: BuildSettings, out
                 log(f"{graph}: rebuilding {plan_path}: " + ("; ".join(reasons) or "--force"))
         built: BuiltPlan = build_plan(trt, onnx_path, plan_path, settings, log, progress, onnx_sha)
         outcomes.append(BuildOutcome(graph, action, reasons, plan_path, built.manifest, built.seconds))
-    index = {"builder": {"kind": trt.kind, "version": trt.version}, "settings": settings.to_dict(),
-             "model_dir": os.path.relpath(model_dir, target), "graphs": {o.graph: o.plan.name for o in outcomes}}
+    graphs = {o.graph: {"plan": o.plan.name, "plan_sha256": sha256_files([o.plan]),
+                        "manifest_sha256": sha256_files([manifest_path(o.plan)])} for o in outcomes}
+    index = {"format": INDEX_FORMAT, "builder": {"kind": trt.kind, "version": trt.version},
+             "settings": settings.to_dict(), "model_dir": os.path.relpath(model_dir, target), "graphs": graphs}
     write_atomically(target / INDEX, json.dumps(index, indent=1))
     return outcomes
+
+
+def read_index(model_dir: Path, target: Path) -> dict:
+    """engines.json, checked: format, one entry per graph the model folder has, plans inside the folder."""
+    rebuild = f"rebuild with `freedit build {model_dir} --force`"
+    path = target / INDEX
+    if not path.is_file():
+        raise StalePlanError(f"{target} has no {INDEX}; build the engines with `freedit build {model_dir}`")
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:
+        raise StalePlanError(f"{path} is not valid JSON ({exc}); {rebuild}") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        got = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise StalePlanError(f"{path} has index format {got!r}, this freedit needs {INDEX_FORMAT} (with checksums); "
+                             f"{rebuild}")
+    graphs, settings = index.get("graphs"), index.get("settings")
+    entry = {"plan": str, "plan_sha256": str, "manifest_sha256": str}
+    if not isinstance(settings, dict) or not isinstance(graphs, dict) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in entry.items()) for e in graphs.values()):
+        raise StalePlanError(f"{path} is not a complete engine index (settings, graphs with plan and checksums); "
+                             f"{rebuild}")
+    unknown = sorted(set(graphs) - set(GRAPHS))
+    if unknown:
+        raise StalePlanError(f"{path} names unknown graph(s) {unknown}; {rebuild}")
+    needed = [g for g in GRAPHS if (Path(model_dir) / f"{g}.onnx").is_file()]
+    missing = [g for g in needed if g not in graphs]
+    if missing:
+        raise StalePlanError(f"{target} is an incomplete unit: no plan for {', '.join(missing)} although "
+                             f"{model_dir} has {', '.join(g + '.onnx' for g in missing)}; {rebuild}")
+    root = target.resolve()
+    for graph, e in graphs.items():
+        name = e["plan"]
+        inside = Path(name).name == name and name not in ("", ".", "..") and (target / name).resolve().parent == root
+        if not inside:
+            raise StalePlanError(f"{path}: the {graph} plan {name!r} is not a file inside {target}; refusing a unit "
+                                 f"that points elsewhere; {rebuild}")
+    return index
 
 
 @dataclass
@@ -98,24 +144,32 @@ def open_engines(model_dir: Path, trt: TensorRT, out: Path | None = None, device
     """Check every plan of the unit; raise StalePlanError naming each reason if any must not be used."""
     model_dir = Path(model_dir)
     target = engines_dir(model_dir, out)
-    if not (target / INDEX).is_file():
-        raise StalePlanError(f"{target} has no {INDEX}; build the engines with `freedit build {model_dir}`")
-    index = json.loads((target / INDEX).read_text())
+    index = read_index(model_dir, target)
     cc = device_compute_capability() if device_cc == "auto" else device_cc
     problems, plans, manifests = [], {}, {}
-    for graph, plan_name in index["graphs"].items():
-        plan_path, onnx_path = target / plan_name, model_dir / f"{graph}.onnx"
+    for graph, entry in index["graphs"].items():
+        plan_path, onnx_path = target / entry["plan"], model_dir / f"{graph}.onnx"
         try:
             manifest = Manifest.read(plan_path)
         except StalePlanError as exc:
             problems.append(str(exc))
             continue
+        if manifest.data["graph"] != graph:
+            problems.append(f"{graph}: {manifest_path(plan_path).name} describes a {manifest.data['graph']} plan")
+            continue
         if not onnx_path.is_file():
             problems.append(f"{graph}: {onnx_path} is missing")
             continue
+        plan_sha = sha256_files([plan_path]) if plan_path.is_file() else None
         reasons = manifest.reasons_stale(plan_path, sha256_files(onnx_files(onnx_path)), trt.kind, trt.version,
-                                         None, cc)
+                                         None, cc, plan_sha=plan_sha)
         problems += [f"{graph}: {r}" for r in reasons]
+        # The index's own checksums: a plan swapped together with a manifest that describes it passes the
+        # manifest's check but not these.
+        if sha256_files([manifest_path(plan_path)]) != entry["manifest_sha256"]:
+            problems.append(f"{graph}: {manifest_path(plan_path).name} is not the manifest {INDEX} recorded")
+        if plan_sha is not None and plan_sha != entry["plan_sha256"]:
+            problems.append(f"{graph}: {plan_path.name} is not the plan {INDEX} recorded")
         if manifest.data["settings"] != index["settings"]:
             problems.append(f"{graph}: built with other settings than the rest of {target}")
         plans[graph], manifests[graph] = plan_path, manifest

@@ -37,6 +37,25 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+#: What a manifest must hold, and of which JSON type; read before any field is used.
+SCHEMA = {"graph": str, "onnx": {"file": str, "sha256": str, "precision": str, "config": (str, type(None))},
+          "plan": {"file": str, "bytes": int, "sha256": str}, "builder": {"kind": str, "version": str},
+          "targets": list, "settings": dict, "profiles": list}
+
+
+def _fields(schema: dict, data, prefix: str = ""):
+    """(dotted key, expected type) for every field of ``data`` that does not match ``schema``."""
+    for key, kind in schema.items():
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                yield prefix + key, dict
+            else:
+                yield from _fields(kind, value, f"{prefix}{key}.")
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            yield prefix + key, kind
+
+
 def manifest_path(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.name + ".json")
 
@@ -53,10 +72,16 @@ class Manifest:
                                  "refusing to use it (rebuild with `freedit build --force`)")
         try:
             data = json.loads(path.read_text())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise StalePlanError(f"{path} is not valid JSON ({exc}); rebuild with `freedit build --force`") from None
-        if data.get("format") != FORMAT:
-            raise StalePlanError(f"{path} has manifest format {data.get('format')!r}, this freedit writes {FORMAT}")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise StalePlanError(f"{path} has manifest format {got!r}, this freedit writes {FORMAT}")
+        problems = [f"{key} is missing or not {getattr(kind, '__name__', 'a string')}"
+                    for key, kind in _fields(SCHEMA, data)]
+        if problems:
+            raise StalePlanError(f"{path} is not a complete manifest ({'; '.join(problems[:4])}); rebuild with "
+                                 f"`freedit build --force`")
         return cls(data)
 
     def write(self, plan_path: Path) -> None:
@@ -64,11 +89,14 @@ class Manifest:
         write_atomically(path, json.dumps(self.data, indent=1))
 
     def reasons_stale(self, plan_path: Path, onnx_sha: str, builder: str, version: str,
-                      settings: dict | None = None, device_cc: str | None = None) -> list[str]:
-        """Why this plan must not be used now ([] = it may). ``settings`` only when building."""
+                      settings: dict | None = None, device_cc: str | None = None,
+                      plan_sha: str | None = None) -> list[str]:
+        """Why this plan must not be used now ([] = it may). ``settings`` only when building; ``plan_sha``
+        when the caller has already hashed the plan."""
         d, reasons = self.data, []
         plan = d["plan"]
-        if not plan_path.is_file() or plan_path.stat().st_size != plan["bytes"] or sha256_files([plan_path]) != plan["sha256"]:
+        if not plan_path.is_file() or plan_path.stat().st_size != plan["bytes"] or \
+                (plan_sha or sha256_files([plan_path])) != plan["sha256"]:
             reasons.append(f"{plan_path.name} is missing or not the plan its manifest describes (replaced by a foreign plan?)")
         if d["onnx"]["sha256"] != onnx_sha:
             reasons.append(f"{d['onnx']['file']} changed since the plan was built")

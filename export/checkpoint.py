@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-from freedit.export.dit import DiT, DiTConfig
+from freedit.export.dit import OFFICIAL_CONFIGS, DiT, DiTConfig
+
+#: (depth, hidden size) -> heads of the official configs, the only sizes whose head count is known.
+OFFICIAL_HEADS = {(c["depth"], c["hidden_size"]): c["num_heads"] for c in OFFICIAL_CONFIGS.values()}
 
 CONFIG_KEY = "freedit_config"
 
@@ -34,8 +37,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfi
                 meta = f.metadata() or {}
         except Exception as exc:  # safetensors raises several types for corrupt headers
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
-        config = DiTConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
-        return state, config
+        check_tensor_types(state, path)
+        if CONFIG_KEY not in meta:
+            return state, None
+        try:
+            return state, DiTConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: unreadable '{CONFIG_KEY}' metadata ({str(exc)[:200]})") from None
     try:
         # train.py checkpoints carry an argparse.Namespace; allow it and nothing else executable.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -44,11 +52,24 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfi
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]  # an empty file: EOFError, no text
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
                               f"{detail}") from None
+    heads = None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
-        obj = obj["ema"]  # DiT's train.py: sample with the EMA weights, as sample.py does
+        # DiT's train.py: sample with the EMA weights, as sample.py does; its args name the config.
+        heads = OFFICIAL_CONFIGS.get(getattr(obj.get("args"), "model", None), {}).get("num_heads")
+        obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return obj, None
+    check_tensor_types(obj, path)
+    return obj, (infer_config(obj, num_heads=heads) if heads else None)
+
+
+def check_tensor_types(state: dict[str, torch.Tensor], path) -> None:
+    """DiT weights are floating point; integer or boolean tensors would be cast silently on loading."""
+    bad = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items() if not v.is_floating_point()]
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path} holds non-floating-point weights: {', '.join(bad[:3])}{more}; "
+                              f"a DiT checkpoint has float32/float16/bfloat16 tensors only")
 
 
 def infer_config(state: dict[str, torch.Tensor], **overrides) -> DiTConfig:
@@ -61,12 +82,21 @@ def infer_config(state: dict[str, torch.Tensor], **overrides) -> DiTConfig:
     except KeyError as exc:
         raise CheckpointError(f"not a DiT state dict: missing {exc.args[0]}") from None
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    heads = overrides.pop("num_heads", None) or {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden, max(1, hidden // 64))
+    # The weights do not record the head count (qkv is [3H, H] for any split): take it from the caller,
+    # or from the official config of this depth and width; anything else would be a guess.
+    heads = overrides.pop("num_heads", None) or OFFICIAL_HEADS.get((depth, hidden))
+    if heads is None:
+        raise CheckpointError(f"cannot tell the number of attention heads of a DiT with depth {depth} and hidden "
+                              f"size {hidden} (not an official DiT size, and the file does not say): give it "
+                              f"(--num-heads), or use a checkpoint that records its config")
     grid = int(round(num_patches**0.5))
     learn_sigma = out_dim == 2 * in_ch * patch * patch
     fields = dict(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
                   num_heads=heads, num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=learn_sigma)
-    return DiTConfig(**{**fields, **overrides})
+    try:
+        return DiTConfig(**{**fields, **overrides})
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def check_state_dict(model: DiT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -88,20 +118,23 @@ def check_state_dict(model: DiT, state: dict[str, torch.Tensor], source: str) ->
                           f"patch {cfg.patch_size}, input {cfg.input_size}): " + "; ".join(parts))
 
 
-def load_dit(path: str | Path, config: DiTConfig | None = None) -> DiT:
-    """A DiT in eval mode with the checkpoint's weights. Without a config: the file's own or inferred.
-    A folder is read as a diffusers DiT (export/diffusers_format.py)."""
+def load_dit(path: str | Path, config: DiTConfig | None = None, num_heads: int | None = None) -> DiT:
+    """A DiT in eval mode with the checkpoint's weights. Without a config: the file's own or inferred
+    (``num_heads`` where the file cannot tell). A folder is read as a diffusers DiT
+    (export/diffusers_format.py). The config is checked against the tensors' shapes on the meta
+    device first, so a config that does not fit (say hidden 65536) never allocates anything."""
     if Path(path).is_dir():
         from freedit.export.diffusers_format import load_diffusers_dit
 
         return load_diffusers_dit(path, config)
     state, embedded = read_state_dict(path)
     try:
-        config = config or embedded or infer_config(state)
+        config = config or embedded or infer_config(state, num_heads=num_heads)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    with torch.device("meta"):
+        check_state_dict(DiT(config, initialize=False), state, str(path))
     model = DiT(config)
-    check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
     return model.eval()
 

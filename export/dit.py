@@ -14,6 +14,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from freedit.runtime.contract import CFG_MODES, DEFAULT_FIXED_VARIANCE, FIXED_VARIANCES, INFO_BOUNDS
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -32,6 +34,32 @@ class DiTConfig:
     # from a diffusers folder keep diffusers' values so freedit computes what diffusers computes there.
     timestep_freq_shift: int = 0  # sinusoid frequencies exp(-ln(1e4) i / (128 - shift)); diffusers: 1
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each block's MLP; diffusers: its norm_eps, 1e-5
+    # Without learned sigma: which fixed variance the sampler uses (runtime/contract.py FIXED_VARIANCES);
+    # "large" (log beta) is DiT's create_diffusion(learn_sigma=False) default.
+    fixed_variance: str = DEFAULT_FIXED_VARIANCE
+
+    def __post_init__(self):
+        """Types and ranges first, so nothing is ever sized from a nonsensical config (metadata included)."""
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            lo, hi = INFO_BOUNDS.get(name, (1, 4096))
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"DiT config: {name} must be an integer in [{lo}, {hi}], got {value!r}")
+        for name, lo, hi in (("mlp_ratio", 0.0, 64.0), ("class_dropout_prob", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"DiT config: {name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"DiT config: learn_sigma must be true or false, got {self.learn_sigma!r}")
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"DiT config: cfg_mode must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
+        if self.fixed_variance not in FIXED_VARIANCES:
+            raise ValueError(f"DiT config: fixed_variance must be one of {', '.join(FIXED_VARIANCES)}, "
+                             f"got {self.fixed_variance!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input size {self.input_size} is not divisible by patch size {self.patch_size}")
 
     @property
     def out_channels(self) -> int:
@@ -46,6 +74,8 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiTConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"DiT config must be a JSON object, got {type(data).__name__}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
@@ -186,12 +216,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, initialize: bool = True):
         super().__init__()
-        if config.hidden_size % config.num_heads:
-            raise ValueError(f"hidden size {config.hidden_size} is not divisible by {config.num_heads} heads")
-        if config.input_size % config.patch_size:
-            raise ValueError(f"input size {config.input_size} is not divisible by patch size {config.patch_size}")
         self.config = config
         h = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, h)
@@ -201,7 +227,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(h, config.num_heads, config.mlp_ratio, config.mlp_norm_eps)
                                     for _ in range(config.depth))
         self.final_layer = FinalLayer(h, config.patch_size, config.out_channels)
-        self.initialize_weights()
+        if initialize:  # not on the meta device, where only the shapes are wanted
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, zeroed adaLN and output (so every block starts as identity)."""

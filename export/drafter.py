@@ -85,18 +85,39 @@ def save_drafter(drafter: Drafter, path: str | Path, extra_metadata: dict[str, s
 
 
 def load_drafter(path: str | Path, target: DiT) -> Drafter:
+    """The drafter at ``path`` for ``target``; a CheckpointError line for a truncated, foreign or mismatched file."""
     from safetensors import safe_open
+
+    from freedit.export.checkpoint import CheckpointError, check_tensor_types
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"drafter weights {path} do not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:200]})") from None
     if DRAFTER_CONFIG_KEY not in meta:
-        raise ValueError(f"{path} is not a freedit drafter (no '{DRAFTER_CONFIG_KEY}' metadata)")
-    config = DrafterConfig(**json.loads(meta[DRAFTER_CONFIG_KEY]))
+        raise CheckpointError(f"{path} is not a freedit drafter (no '{DRAFTER_CONFIG_KEY}' metadata)")
+    try:
+        fields = json.loads(meta[DRAFTER_CONFIG_KEY])
+        config = DrafterConfig(**fields)
+        if not all(isinstance(getattr(config, k), int) and not isinstance(getattr(config, k), bool)
+                   for k in DrafterConfig.__dataclass_fields__) or not 1 <= config.depth <= 64:
+            raise ValueError(f"expected integers (depth 1..64), got {fields}")
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable '{DRAFTER_CONFIG_KEY}' metadata ({str(exc)[:200]})") from None
     check_drafter_fits(config, target.config, str(path))
+    check_tensor_types(state, path)
     drafter = Drafter(target, depth=config.depth)
+    expected = drafter.state_dict()
+    wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state
+                                                   and state[k].shape != expected[k].shape]
+    if wrong:
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise CheckpointError(f"{path} does not fit a depth-{config.depth} drafter of this DiT: missing, unexpected "
+                              f"or mis-shaped {', '.join(wrong[:3])}{more}")
     drafter.load_state_dict(state, strict=True)
     return drafter.eval()

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -70,14 +70,18 @@ class ParityReport:
     tolerance: float
     precision: str = "fp32"
     runner: str = "onnxruntime"
+    nonfinite: dict[str, int] = field(default_factory=dict)  # NaN/inf values in either output, per output
 
     @property
     def passed(self) -> bool:
-        return all(v <= self.tolerance for v in self.max_abs_error.values())
+        """Every error within tolerance and every value finite (a NaN error never passes)."""
+        return not any(self.nonfinite.values()) and all(v <= self.tolerance for v in self.max_abs_error.values())
 
     def describe(self) -> str:
         errors = ", ".join(f"{k} {v:.1e}" for k, v in self.max_abs_error.items())
-        return f"{self.runner} vs PyTorch max rel. error {errors} (tolerance {self.tolerance:g} for {self.precision})"
+        bad = ", ".join(f"{k} {n:,}" for k, n in self.nonfinite.items() if n)
+        return (f"{self.runner} vs PyTorch max rel. error {errors} (tolerance {self.tolerance:g} for {self.precision})"
+                + (f"; non-finite (NaN/inf) values: {bad}" if bad else ""))
 
 
 def dit_inputs(dit: DiT, batch: int, seed: int, with_feat: bool = False) -> dict[str, torch.Tensor]:
@@ -126,17 +130,23 @@ def check_graph_parity(spec: GraphSpec, onnx_path: str | Path, precision: str = 
     """Max relative difference between the fp32 PyTorch module and the ONNX graph, over fresh inputs."""
     name, run = _runner(Path(onnx_path), precision)
     errors = dict.fromkeys(spec.output_names, 0.0)
+    nonfinite = dict.fromkeys(spec.output_names, 0)
     for i, batch in enumerate(batches):
         inputs = spec.sample_inputs(batch, i)
         with torch.no_grad():
             ref = dict(zip(spec.output_names, spec.module(*inputs.values())))
         got = dict(zip(spec.output_names, run(list(spec.output_names), {k: v.numpy() for k, v in inputs.items()})))
         for out in errors:  # relative to the output's scale, so one tolerance fits every model size
-            scale = max(1.0, float(ref[out].abs().max()))
-            diff = np.abs(np.asarray(got[out], dtype=np.float64) - ref[out].double().numpy()).max()
-            errors[out] = max(errors[out], float(diff) / scale)
+            a, b = np.asarray(got[out], dtype=np.float64), ref[out].double().numpy()
+            bad = int(np.count_nonzero(~np.isfinite(a)) + np.count_nonzero(~np.isfinite(b)))
+            if bad:  # max() would drop a NaN error: count them, and the error is infinite
+                nonfinite[out] += bad
+                errors[out] = float("inf")
+                continue
+            scale = max(1.0, float(np.abs(b).max()))
+            errors[out] = max(errors[out], float(np.abs(a - b).max()) / scale)
     tol = PARITY_TOLERANCE[precision] if tolerance is None else tolerance
-    return ParityReport(errors, tol, precision, name)
+    return ParityReport(errors, tol, precision, name, nonfinite)
 
 
 def check_parity(dit: DiT, onnx_path: str | Path, batches=(1, 3), precision: str = "fp32",

@@ -19,6 +19,7 @@ from freedit.export.checkpoint import save_dit
 from freedit.export.diffusion import TorchSchedule, hybrid_loss
 from freedit.export.digits_data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 from freedit.export.dit import DiT, DiTConfig
+from freedit.export.resume import load_state, restore, save_state
 from freedit.runtime.schedule import Schedule
 
 #: DiT-shaped (12 blocks, so a one-block drafter costs about a tenth of a call) but small enough
@@ -64,10 +65,15 @@ def train_digits_dit(out_dir: str | Path, cfg: TrainConfig, model_config: DiTCon
     gen = torch.Generator().manual_seed(cfg.seed)
     start, log = 0, []
     state_path = out_dir / "state.pt"
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        gen.set_state(state["generator"])
+    if state_path.exists() or state_path.is_symlink():
+        state = load_state(state_path, {"model": dict, "ema": dict, "opt": dict, "generator": torch.Tensor,
+                                        "step": int, "log": list})
+
+        def load():
+            model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+            gen.set_state(state["generator"])
+
+        restore(state_path, "digits DiT", load)
         start, log = state["step"], state["log"]
     model.train()
     t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
@@ -92,10 +98,8 @@ def train_digits_dit(out_dir: str | Path, cfg: TrainConfig, model_config: DiTCon
         if done % 100 == 0:
             log.append({"step": done, **running, "lr": lr_at(step, cfg), "seconds": time.time() - t0})
         if done % cfg.save_every == 0 or done == cfg.steps:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "generator": gen.get_state(), "step": done, "log": log}, tmp)
-            tmp.replace(state_path)
+            save_state(state_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                    "generator": gen.get_state(), "step": done, "log": log})
     weights = out_dir / "digits_dit.safetensors"
     save_dit(ema.eval(), weights, {"train_config": json.dumps(asdict(cfg))})
     (out_dir / "train_log.json").write_text(json.dumps({"train_config": asdict(cfg), "model_config": model_config.to_dict(),

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from freedit.export.diffusion import TorchSchedule
 from freedit.export.dit import DiT
 from freedit.export.drafter import Drafter, save_drafter
+from freedit.export.resume import ResumeError, load_state, restore, save_state
 from freedit.runtime.schedule import Schedule
 
 
@@ -170,6 +171,19 @@ def held_out_acceptance(dit: DiT, drafter: Drafter | None, traj: Trajectories, s
     return {"mean": float(per_step.mean()), "by_step": per_step.tolist(), "bins": binned, "bin_edges": edges.tolist()}
 
 
+def check_trajectories(traj: Trajectories, dit: DiT, num_steps: int, cfg: DrafterTrainConfig, path: Path) -> None:
+    """Reused trajectories must be the ones these settings would collect (count, steps, rows, shapes)."""
+    c = dit.config
+    count, rows = cfg.trajectories + cfg.held_out, 2 if cfg.cfg_scale != 1.0 else 1
+    want = {"x": (count, num_steps + 1, c.in_channels, c.input_size, c.input_size),
+            "feat": (count, num_steps, rows, c.num_patches, c.hidden_size), "labels": (count,)}
+    got = {k: tuple(getattr(traj, k).shape) for k in want}
+    if got != want:
+        diff = "; ".join(f"{k} {got[k]} vs {want[k]}" for k in want if got[k] != want[k])
+        raise ResumeError(f"{path} holds trajectories for other settings ({diff}: trajectories, held-out, steps, "
+                          f"CFG or DiT changed); delete it (or choose another --out) to collect new ones")
+
+
 def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Path:
     """Collect (or reload) trajectories, train, evaluate, and write drafter.safetensors + train_log.json."""
     out_dir = Path(out_dir)
@@ -180,11 +194,13 @@ def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Pat
     sched = TorchSchedule(Schedule.create(cfg.steps))
     n = sched.schedule.num_steps
     traj_path = out_dir / "trajectories.pt"
-    if traj_path.exists():
-        traj = Trajectories(**torch.load(traj_path, weights_only=True))
+    if traj_path.exists() or traj_path.is_symlink():
+        saved = load_state(traj_path, {"x": torch.Tensor, "feat": torch.Tensor, "labels": torch.Tensor})
+        traj = Trajectories(saved["x"], saved["feat"], saved["labels"])
+        check_trajectories(traj, dit, n, cfg, traj_path)
     else:
         traj = collect_trajectories(dit, sched, cfg.trajectories + cfg.held_out, cfg.cfg_scale, cfg.seed)
-        torch.save(asdict(traj), traj_path)
+        save_state(traj_path, asdict(traj))
     split = cfg.trajectories
     train = Trajectories(traj.x[:split], traj.feat[:split], traj.labels[:split])
     held = Trajectories(traj.x[split:], traj.feat[split:], traj.labels[split:])
@@ -192,9 +208,15 @@ def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Pat
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     state_path, start, log = out_dir / "state.pt", 0, []
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        drafter.load_state_dict(state["drafter"]), opt.load_state_dict(state["opt"]), gen.set_state(state["generator"])
+    if state_path.exists() or state_path.is_symlink():
+        state = load_state(state_path, {"drafter": dict, "opt": dict, "generator": torch.Tensor, "step": int,
+                                        "log": list})
+
+        def load():
+            drafter.load_state_dict(state["drafter"]), opt.load_state_dict(state["opt"])
+            gen.set_state(state["generator"])
+
+        restore(state_path, "drafter", load)
         start, log = state["step"], state["log"]
     t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="train drafter", unit="step")
@@ -213,10 +235,8 @@ def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Pat
         if (step + 1) % 100 == 0:
             log.append({"step": step + 1, "loss": float(loss), **terms, "seconds": time.time() - t0})
         if (step + 1) % 500 == 0 or step + 1 == cfg.train_steps:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"drafter": drafter.state_dict(), "opt": opt.state_dict(), "generator": gen.get_state(),
-                        "step": step + 1, "log": log}, tmp)
-            tmp.replace(state_path)
+            save_state(state_path, {"drafter": drafter.state_dict(), "opt": opt.state_dict(),
+                                    "generator": gen.get_state(), "step": step + 1, "log": log})
     drafter.eval()
     evaluation = {"drafter": held_out_acceptance(dit, drafter, held, sched, cfg.cfg_scale),
                   "frozen": held_out_acceptance(dit, None, held, sched, cfg.cfg_scale)}

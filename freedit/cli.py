@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -18,25 +19,81 @@ class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (exit 2), like every other refusal."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def ascii_int(text: str) -> int:
+    """int() also takes non-ASCII digits ('٣') and underscores ('1_0'); options take plain integers."""
+    if not _INT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected an integer written with the digits 0-9, got {text!r}")
+    return int(text)
+
+
+def ascii_float(text: str) -> float:
+    """float() also takes 'nan', 'inf', non-ASCII digits and underscores; options take finite decimals."""
+    if not _FLOAT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a finite decimal number such as 1.5, got {text!r}")
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond the range of a float")
+    return value
+
+
+def bounded(parse, what: str, lo, hi, note: str = ""):
+    """An argparse type: ``parse`` then the bound check runtime/limits.py applies to the API too."""
+    from freedit.runtime.limits import check_int, check_number
+
+    check = check_int if parse is ascii_int else check_number
+
+    def convert(text: str):
+        try:
+            return check(what, parse(text), lo, hi, *([note] if note else []))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def steps_arg(text: str) -> int | str:
+    """--steps: a count (checked against 1..1000 by the pipeline) or a DiT spacing such as 'ddim50'."""
+    text = text.strip()
+    if not text or not text.isascii():
+        raise argparse.ArgumentTypeError(f"expected a step count such as 250 or a spacing such as 'ddim50', got {text!r}")
+    return int(text) if _INT.fullmatch(text) else text
+
+
 def _generate(args: argparse.Namespace) -> int:
+    import io
+
     import numpy as np
 
-    from freedit.runtime.class_names import parse_classes
-    from freedit.runtime.images import check_writable, make_grid, save_png
+    from freedit.runtime.budget import image_output_bytes
+    from freedit.runtime.class_names import count_classes, parse_classes
+    from freedit.runtime.images import make_grid, png_bytes
+    from freedit.runtime.limits import MAX_IMAGES
+    from freedit.runtime.outputs import check_output, check_output_folder, json_safe, write_outputs
     from freedit.runtime.pipeline import Pipeline, default_model_dir
 
-    if args.per_class < 1:
-        raise UsageError(f"--per-class must be at least 1, got {args.per_class}")
-    steps = int(args.steps) if args.steps is not None and args.steps.lstrip("-").isdigit() else args.steps
-    out = check_writable(args.out)
+    asked = count_classes(args.classes) * args.per_class  # sized before anything is loaded or expanded
+    if asked > MAX_IMAGES:
+        raise UsageError(f"--classes {args.classes!r} with --per-class {args.per_class} asks for {asked:,} images; "
+                         f"at most {MAX_IMAGES:,} per command")
+    out = check_output(args.out)
     if args.latents and Path(args.latents).suffix != ".npy":
         raise UsageError(f"--latents {args.latents}: give a .npy file name")
-    latents_out = check_writable(args.latents) if args.latents else None
-    if args.samples_dir:
-        Path(args.samples_dir).mkdir(parents=True, exist_ok=True)
-        check_writable(Path(args.samples_dir) / "x.png")
-    if args.stats:
-        check_writable(args.stats)
+    latents_out = check_output(args.latents) if args.latents else None
+    samples_dir = check_output_folder(args.samples_dir) if args.samples_dir else None  # created only when written
+    stats = check_output(args.stats) if args.stats else None
+    if stats is not None and Path(stats).resolve() == Path(out).resolve() and not Path(out).is_char_device():
+        raise UsageError(f"--stats and --out name the same file {out}")
     model = args.model or default_model_dir()
     pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads, precision=args.precision,
                                    device_id=args.device)
@@ -45,36 +102,43 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--classes: {exc}") from None
     labels = [y for y in classes for _ in range(args.per_class)]
+    info = pipe.info
     images = not pipe.latent or pipe.decoder is not None
     if not images and not latents_out:
         raise UsageError(f"{model} is a latent DiT exported without vae_decoder.onnx, so it makes latents, not "
                          f"images: re-export it with `freedit export --vae ...`, or save the latents with --latents "
                          f"latents.npy")
-    result = pipe.generate(labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                           batch_size=args.batch_size, window=args.window, relax=args.relax,
-                           progress=not args.no_progress, decode_batch_size=args.decode_batch_size,
-                           micro_batches=args.micro_batches, maths=args.maths, graphs=not args.no_graphs)
-    written = []
-    if images:
-        side = result.images.shape[1]
-        scale = args.scale if args.scale is not None else (4 if side < 64 else 1)  # digits: 16 px; ImageNet: 256+
-        save_png(make_grid(result.images, ncol=args.per_class if args.per_class > 1 else min(10, len(labels)),
-                           scale=scale), out)
-        written.append(out)
-        if args.samples_dir:
-            for stat, image in zip(result.stats, result.images):
-                save_png(make_grid(image[None], 1, pad=0, scale=scale),
-                         Path(args.samples_dir) / f"{stat['sample']:05d}_class{stat['label']}.png")
+    side = pipe.decoder.image_size if pipe.latent and pipe.decoder is not None else info.input_size
+    scale = args.scale if args.scale is not None else (4 if side < 64 else 1)  # digits: 16 px; ImageNet: 256+
+    settings = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
+                    window=args.window, relax=args.relax)
+    # Before a single step: every setting, and the memory of sampling plus what is to be written.
+    written = image_output_bytes(len(labels), side, side, 3 if pipe.latent else info.in_channels, scale,
+                                 samples_dir is not None) if images else 0
     if latents_out:
-        tmp = latents_out.with_name(f".{latents_out.stem}.tmp.npy")
-        np.save(tmp, result.samples)
-        tmp.replace(latents_out)
-        written.append(latents_out)
-    if args.stats:
-        tmp = Path(str(args.stats) + ".tmp")
-        tmp.write_text(json.dumps({"settings": result.settings, "summary": result.summary, "samples": result.stats}, indent=1))
-        tmp.replace(args.stats)
-    print(summary_line(" and ".join(map(str, written)), args.classes, result))
+        written += 2 * len(labels) * info.in_channels * info.input_size ** 2 * 4
+    pipe.validate(labels, seed=args.seed, **pipe.resolve(**settings), extra_bytes=written)
+    result = pipe.generate(labels, seed=args.seed, **settings, progress=not args.no_progress,
+                           decode_batch_size=args.decode_batch_size, micro_batches=args.micro_batches,
+                           maths=args.maths, graphs=not args.no_graphs)
+    files = {}
+    if images:
+        ncol = args.per_class if args.per_class > 1 else min(10, len(labels))
+        files[out] = png_bytes(make_grid(result.images, ncol=ncol, scale=scale))
+        if samples_dir is not None:
+            for stat, image in zip(result.stats, result.images):
+                files[samples_dir / f"{stat['sample']:05d}_class{stat['label']}.png"] = png_bytes(
+                    make_grid(image[None], 1, pad=0, scale=scale))
+    if latents_out:
+        buffer = io.BytesIO()
+        np.save(buffer, result.samples)
+        files[latents_out] = buffer.getvalue()
+    if stats is not None:
+        record = {"settings": result.settings, "summary": result.summary, "samples": result.stats}
+        files[stats] = json.dumps(json_safe(record), indent=1, allow_nan=False).encode()
+    write_outputs(files)  # all of them or none
+    print(summary_line(" and ".join(str(f) for f in (out if images else None, latents_out) if f), args.classes,
+                       result))
     return 0
 
 
@@ -119,7 +183,7 @@ def _export(args: argparse.Namespace) -> int:
     log = None if args.quiet else _log
     if log:
         log(f"loading {checkpoint} ...")
-    model = load_dit(checkpoint, config)  # a folder: a diffusers DiT (export/diffusers_format.py)
+    model = load_dit(checkpoint, config, num_heads=args.num_heads)  # a folder: a diffusers DiT (export/diffusers_format.py)
     drafter = None
     if drafter_path:
         from freedit.export.drafter import load_drafter
@@ -252,7 +316,7 @@ def _check(args: argparse.Namespace) -> int:
     from freedit.export.checkpoint import load_dit
     from freedit.export.dit import DiTConfig
     from freedit.export.onnx_export import dit_spec, drafter_spec
-    from freedit.runtime.contract import onnx_metadata
+    from freedit.runtime.contract import CONFIG_METADATA_KEY, onnx_metadata
     from freedit.runtime.pipeline import default_model_dir
 
     model_dir = _model_dir(args.model_dir)
@@ -264,8 +328,17 @@ def _check(args: argparse.Namespace) -> int:
     drafter_path = args.drafter or (default_model_dir() / "drafter.safetensors" if bundled else None)
     if not (model_dir / "dit.onnx").is_file():
         raise UsageError(f"{model_dir / 'dit.onnx'} does not exist")
+    if args.json:
+        from freedit.runtime.outputs import check_output
+
+        check_output(args.json)
     meta = onnx_metadata(model_dir / "dit.onnx")
-    model = load_dit(checkpoint, DiTConfig.from_dict(json.loads(meta["freedit.config"])))
+    try:
+        config = DiTConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY]))
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise UsageError(f"{model_dir / 'dit.onnx'}: no usable '{CONFIG_METADATA_KEY}' metadata ({str(exc)[:120]}); "
+                         f"export it with `freedit export`") from None
+    model = load_dit(checkpoint, config)
     specs = {"dit": dit_spec(model)}
     if (model_dir / "drafter.onnx").is_file():
         if not drafter_path:
@@ -298,12 +371,16 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{head}: {'PASS' if r.passed else 'FAIL'} (tolerance {r.tolerance:g} x output scale)")
         for name, m in r.metrics.items():
             print(f"  {name:10s} max abs {m['max_abs']:.2e}  mean abs {m['mean_abs']:.2e}  p99 abs {m['p99_abs']:.2e}  "
-                  f"max rel. to scale {m['max_rel_to_scale']:.2e}")
+                  f"max rel. to scale {m['max_rel_to_scale']:.2e}"
+                  + (f"  NON-FINITE values {m['nonfinite']:,}" if m["nonfinite"] else ""))
     ran = [r for r in results if not r.skipped]
     verdict = all(r.passed for r in ran)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model_dir": str(model_dir), "passed": verdict,
-                                               "pairs": [r.to_dict() for r in results]}, indent=1))
+        from freedit.runtime.outputs import json_safe, write_outputs
+
+        write_outputs({args.json: json.dumps(json_safe({"model_dir": str(model_dir), "passed": verdict,
+                                                        "pairs": [r.to_dict() for r in results]}),
+                                             indent=1, allow_nan=False).encode()})
     print(f"verdict: {'PASS' if verdict else 'FAIL'} ({len(ran)} comparisons ran, {len(results) - len(ran)} skipped)")
     return 0 if verdict else 1
 
@@ -384,20 +461,29 @@ def _serve(args: argparse.Namespace) -> int:
         raise FreeditError(f"`freedit serve` needs Ray Serve ({exc.name} is missing): "
                            f"pip install 'freedit[serving]'") from None
     flags = {"num_replicas": "--replicas", "batch_wait_timeout_s": "--batch-wait-ms",
-             "graceful_shutdown_timeout_s": "--graceful-timeout"}
+             "graceful_shutdown_timeout_s": "--graceful-timeout", "token_sha256": "--token-file"}
     model = _model_dir(args.model) if args.model else None
     if model is not None and not (model / "dit.onnx").is_file():
         raise UsageError(f"{model} has no dit.onnx; export one with `freedit export --out {model}`")
+    token = _read_token(args.token_file) if args.token_file else None
     try:
         config = serving.ServeConfig(
             model=str(model) if model else None, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
             num_replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
             max_images=args.max_images, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_ms / 1000, max_ongoing_requests=args.max_ongoing_requests,
-            max_queued_requests=args.max_queued_requests, graceful_shutdown_timeout_s=args.graceful_timeout)
+            max_queued_requests=args.max_queued_requests, graceful_shutdown_timeout_s=args.graceful_timeout,
+            max_body_bytes=args.max_body_bytes, token_sha256=serving.token_digest(token) if token else None)
     except pydantic.ValidationError as exc:
         raise UsageError("; ".join(f"{flags.get(e['loc'][0], '--' + e['loc'][0].replace('_', '-'))}: {e['msg']}"
                                    for e in exc.errors())) from None
+    if model is not None and args.backend.startswith("onnxruntime"):
+        # The replicas' own load, once here: a model folder that does not load is one line, not a
+        # replica's traceback relayed by Ray (other backends may need the replicas' GPUs; Ray's error
+        # is then reduced to its cause by serving.start).
+        from freedit.runtime.pipeline import Pipeline
+
+        Pipeline.from_directory(model, backend="onnxruntime", threads=1)
     if args.address is None:  # our own Ray: the port must be free here (on a cluster, every node's proxy binds it)
         with socket.socket() as probe:
             try:
@@ -421,49 +507,76 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_token(path: str) -> str:
+    """The bearer token of `freedit serve --token-file`: a file (not the command line, which `ps` shows)."""
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    if len(token) < 16 or any(c.isspace() for c in token) or not token.isascii():
+        raise UsageError(f"--token-file {path}: the token must be one line of at least 16 ASCII characters "
+                         f"without spaces (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return token
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from freedit.runtime import limits as lim
+
+    parser = OneLineParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     g = sub.add_parser("generate", formatter_class=fmt, help="sample images (default: the bundled digits DiT, CPU)",
                        description="Sample class-conditional images and write a PNG grid (one row per class).")
-    g.add_argument("--classes", default="0-9", help="class labels: a range '0-9', a list '1,4,7' or a mix; ImageNet "
-                   "models also take names: 207,'golden retriever'")
-    g.add_argument("--per-class", type=int, default=8, help="images per class label")
+    g.add_argument("--classes", default="0-9", help=f"class labels, at most {lim.MAX_IMAGES:,} images with --per-class: a range "
+                   "'0-9', a list '1,4,7' or a mix; ImageNet models also take names: 207,'golden retriever'")
+    g.add_argument("--per-class", type=bounded(ascii_int, "value", 1, lim.MAX_IMAGES), default=8,
+                   help=f"images per class label, 1..{lim.MAX_IMAGES:,}")
     g.add_argument("--sampler", default=None, help="free (lossless FREE, the default with a drafter), free-relax "
                    "(tempered accept test), frozen (training-free drafter), sequential (DDPM, one DiT call per step) "
                    "or ddim (eta 0)")
-    g.add_argument("--window", type=int, default=None, help="FREE's draft window L, >= 1 (default: the model's)")
-    g.add_argument("--relax", type=float, default=None, help="FREE (relax) lambda >= 0; 0 = lossless (default: the model's)")
-    g.add_argument("--steps", default=None, help="step count (e.g. 250) or DiT spacing ('ddim50', '10,20,30'); "
-                   "default: the model's, 250 for the bundled model")
-    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, >= 0 (1 = off); "
+    g.add_argument("--window", type=bounded(ascii_int, "window length L", 1, lim.MAX_WINDOW), default=None,
+                   help=f"FREE's draft window L, 1..{lim.MAX_WINDOW} (default: the model's)")
+    g.add_argument("--relax", type=bounded(ascii_float, "relax lambda", 0, lim.MAX_RELAX), default=None,
+                   help=f"FREE (relax) lambda, 0..{lim.MAX_RELAX:g}; 0 = lossless (default: the model's)")
+    g.add_argument("--steps", type=steps_arg, default=None, help="step count 1..1000 (e.g. 250) or DiT spacing "
+                   "('ddim50', '10,20,30'); default: the model's, 250 for the bundled model")
+    g.add_argument("--cfg-scale", type=bounded(ascii_float, "cfg scale", 0, lim.MAX_CFG_SCALE, " (1 = no guidance)"),
+                   default=None, help=f"classifier-free guidance scale, 0..{lim.MAX_CFG_SCALE:g} (1 = off); "
                    "default: the model's documented scale")
-    g.add_argument("--seed", type=int, default=0, help="random seed; same seed => same images")
-    g.add_argument("--batch-size", type=int, default=None, help="samples in flight per DiT call (default: the model's, 64)")
-    g.add_argument("--out", default="freedit_samples.png", help="PNG grid to write")
-    g.add_argument("--samples-dir", default=None, help="also write one PNG per sample into this folder")
+    g.add_argument("--seed", type=bounded(ascii_int, "seed", 0, 2**64 - 1), default=0,
+                   help="random seed in [0, 2**64); same seed => same images")
+    g.add_argument("--batch-size", type=bounded(ascii_int, "batch size", 1, lim.MAX_BATCH_SIZE), default=None,
+                   help=f"samples in flight per DiT call, 1..{lim.MAX_BATCH_SIZE:,} (default: the model's, 64)")
+    g.add_argument("--out", default="freedit_samples.png", help="PNG grid to write. Every output is written under "
+                   "a temporary name and renamed once all are ready (all or none); a symlink's target file is "
+                   "replaced; a device or FIFO (/dev/null, /dev/stdout) is written in place")
+    g.add_argument("--samples-dir", default=None, help="also write one PNG per sample into this folder (created "
+                   "only when the images are written)")
     g.add_argument("--stats", default=None, help="write settings, summary and per-sample statistics as JSON here")
-    g.add_argument("--scale", type=int, default=None, help="nearest-neighbour upscaling of the written images "
-                   "(default: 4 for images under 64 px such as the digits, else 1)")
+    g.add_argument("--scale", type=bounded(ascii_int, "value", 1, lim.MAX_SCALE), default=None,
+                   help=f"nearest-neighbour upscaling of the written images, 1..{lim.MAX_SCALE} (default: 4 for images "
+                        "under 64 px such as the digits, else 1); the memory of sampling and of the images is "
+                        "estimated first and must fit the machine")
     g.add_argument("--latents", default=None, help="also save the final latents of a latent DiT as .npy (the only "
                    "output of one exported without a VAE decoder)")
-    g.add_argument("--decode-batch-size", type=int, default=None, help="latents per VAE decoder call (bounds its "
-                   "memory; default: the model's, 4)")
+    g.add_argument("--decode-batch-size", type=bounded(ascii_int, "value", 1, lim.MAX_BATCH_SIZE), default=None,
+                   help="latents per VAE decoder call (bounds its memory; default: the model's, 4)")
     g.add_argument("--model", default=None, help="model directory with dit.onnx (default: the bundled digits DiT)")
     g.add_argument("--backend", default="onnxruntime", help="onnxruntime, onnxruntime-cuda, torch, torch-compiled, "
                    "torch-cuda, torch-cuda-compiled or tensorrt (plans from `freedit build`)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime or torch (default: up to 8)")
+    g.add_argument("--threads", type=bounded(ascii_int, "value", 1, lim.MAX_THREADS), default=None,
+                   help=f"CPU threads of ONNX Runtime or torch, 1..{lim.MAX_THREADS} (default: up to 8)")
     g.add_argument("--maths", default="auto", choices=["auto", "numpy", "device"],
                    help="where the round's sampling maths runs: device (the CUDA kernels, features kept on the GPU; "
                         "without a GPU their host emulation), numpy (the host), auto (device for GPU backends)")
     g.add_argument("--no-graphs", action="store_true", help="device maths: plain launches, no CUDA graph replay")
-    g.add_argument("--micro-batches", type=int, default=1,
-                   help="batches in flight: one is drafted while another is verified (FREE samplers)")
+    g.add_argument("--micro-batches", type=bounded(ascii_int, "value", 1, 64), default=1,
+                   help="batches in flight, 1..64: one is drafted while another is verified (FREE samplers)")
     g.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16"],
                    help="torch backends' compute precision (ONNX Runtime and TensorRT run the graph's own)")
-    g.add_argument("--device", type=int, default=0, help="the GPU of the GPU backends")
+    g.add_argument("--device", type=bounded(ascii_int, "value", 0, 1023), default=0,
+                   help="the GPU of the GPU backends")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
@@ -475,13 +588,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "a diffusers folder (transformer/ [+ vae/, scheduler/], e.g. facebook/DiT-XL-2-256 downloaded), "
                    "or 'bundled' (the digits DiT and its drafter)")
     e.add_argument("--config", default=None, help="official config name such as DiT-XL/2 (default: inferred from the file)")
-    e.add_argument("--image-size", type=int, default=256, help="image size for an official config (latent = size / 8)")
+    e.add_argument("--image-size", type=ascii_int, default=256, help="image size for an official config (latent = size / 8)")
+    e.add_argument("--num-heads", type=bounded(ascii_int, "value", 1, 1024), default=None,
+                   help="attention heads of a checkpoint that does not record its config and is not an official "
+                        "DiT size (the weights do not say; freedit refuses to guess)")
     e.add_argument("--out", required=True, help="output model directory (dit.onnx, drafter.onnx, vae_decoder.onnx)")
     e.add_argument("--drafter", default=None, help="drafter.safetensors from `freedit train-drafter` (exports drafter.onnx)")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="GEMM/attention precision in the graph; LayerNorm, modulation, gates, residuals and the "
                         "timestep embedding stay fp32")
-    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18, or 22 for bf16)")
+    e.add_argument("--opset", type=ascii_int, default=None, help="ONNX opset (default: 18, or 22 for bf16)")
     e.add_argument("--vae", default="auto", help="also export the VAE decoder of a latent DiT: a diffusers folder, "
                    "a hub id (stabilityai/sd-vae-ft-ema), 'random' (SD VAE shape, random weights), 'random:W' (the "
                    "same layout with widths W,2W,4W,4W; the SD VAE is 128), 'auto' (a diffusers checkpoint's own vae/, "
@@ -497,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a DiT checkpoint with random weights in the official format (.pt state dict) "
                                    "or ours (.safetensors), for sizing engines and benchmarking cost curves.")
     r.add_argument("--config", default="DiT-XL/2", help="official config name")
-    r.add_argument("--image-size", type=int, default=256, help="image size (latent = size / 8)")
-    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--image-size", type=ascii_int, default=256, help="image size (latent = size / 8)")
+    r.add_argument("--seed", type=ascii_int, default=0, help="random seed")
     r.add_argument("--out", required=True, help="checkpoint to write (.pt = official format, .safetensors = ours)")
     r.set_defaults(func=_init_checkpoint)
 
@@ -511,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--builder", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
                    help="auto = tensorrt when installed, else tensorrt-rtx")
     b.add_argument("--batch-sizes", default="1,8", help="samples in flight per micro-batch the engines must serve")
-    b.add_argument("--window", type=int, default=8, help="FREE's window L: the DiT verifies B*(L+1) states per call")
+    b.add_argument("--window", type=ascii_int, default=8, help="FREE's window L: the DiT verifies B*(L+1) states per call")
     b.add_argument("--no-cfg", action="store_true", help="engines for guidance scale 1 (one row per state, not two)")
     b.add_argument("--static-batches", default="", help="sample batch sizes that also get exact-shape profiles "
                    "(for CUDA graphs), e.g. '1,8'")
@@ -546,14 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--batch-sizes", default="64", help="samples in flight")
     k.add_argument("--steps", default="250", help="step counts")
     k.add_argument("--cfg-scales", default="default", help="CFG scales ('default' = the model's)")
-    k.add_argument("--n", type=int, default=256, help="images per configuration and repeat")
-    k.add_argument("--repeats", type=int, default=1, help="repeats (medians and p90 over them)")
-    k.add_argument("--seed", type=int, default=0, help="seed of every measured run")
-    k.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime / torch")
+    k.add_argument("--n", type=ascii_int, default=256, help="images per configuration and repeat")
+    k.add_argument("--repeats", type=ascii_int, default=1, help="repeats (medians and p90 over them)")
+    k.add_argument("--seed", type=ascii_int, default=0, help="seed of every measured run")
+    k.add_argument("--threads", type=ascii_int, default=None, help="CPU threads of ONNX Runtime / torch")
     k.add_argument("--reference", default=None, help=".npz of uint8 images [N,H,W,3]: FID/IS for ImageNet models")
     k.add_argument("--no-quality", action="store_true", help="skip FD/accuracy/FID")
-    k.add_argument("--adaptive-max-window", type=int, default=8, help="largest L the adaptive window may choose")
-    k.add_argument("--pilot-n", type=int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
+    k.add_argument("--adaptive-max-window", type=ascii_int, default=8, help="largest L the adaptive window may choose")
+    k.add_argument("--pilot-n", type=ascii_int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
     k.add_argument("--out", default="bench_results", help="output folder")
     k.add_argument("--name", default="bench", help="file stem of the outputs")
     k.add_argument("--host-overhead", action="store_true",
@@ -565,11 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-dit", formatter_class=fmt, help="train the bundled digits DiT (needs the torch extra)",
                        description="Train the class-conditional digits DiT on scikit-learn's digits (resumable).")
     t.add_argument("--out", default="runs/digits", help="output folder (state.pt, digits_dit.safetensors, train_log.json)")
-    t.add_argument("--steps", type=int, default=5000, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=256, help="images per step")
-    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, then cosine decay)")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    t.add_argument("--steps", type=ascii_int, default=5000, help="optimizer steps")
+    t.add_argument("--batch-size", type=ascii_int, default=256, help="images per step")
+    t.add_argument("--lr", type=ascii_float, default=5e-4, help="peak learning rate (warm-up, then cosine decay)")
+    t.add_argument("--seed", type=ascii_int, default=0, help="random seed")
+    t.add_argument("--threads", type=ascii_int, default=2, help="torch CPU threads")
     t.set_defaults(func=_train_dit)
 
     d = sub.add_parser("train-drafter", formatter_class=fmt, help="distil FREE's drafter from a DiT (torch extra)",
@@ -578,44 +694,49 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dit", required=True, help="the frozen target: our .safetensors or an official .pt")
     d.add_argument("--out", default="runs/drafter", help="output folder (trajectories.pt, state.pt, drafter.safetensors)")
     d.add_argument("--steps", default="250", help="inference step count the drafter is trained for")
-    d.add_argument("--cfg-scale", type=float, default=1.5, help="inference CFG scale the drafter is trained for")
-    d.add_argument("--trajectories", type=int, default=320, help="training trajectories")
-    d.add_argument("--held-out", type=int, default=32, help="held-out trajectories for the acceptance report")
-    d.add_argument("--depth", type=int, default=1, help="drafter transformer blocks")
-    d.add_argument("--train-steps", type=int, default=2000, help="optimizer steps")
-    d.add_argument("--batch-size", type=int, default=128, help="drafted positions per step")
-    d.add_argument("--unroll", type=int, default=3, help="steps unrolled with drafted features fed back")
-    d.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    d.add_argument("--seed", type=int, default=0, help="random seed")
-    d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    d.add_argument("--cfg-scale", type=ascii_float, default=1.5, help="inference CFG scale the drafter is trained for")
+    d.add_argument("--trajectories", type=ascii_int, default=320, help="training trajectories")
+    d.add_argument("--held-out", type=ascii_int, default=32, help="held-out trajectories for the acceptance report")
+    d.add_argument("--depth", type=ascii_int, default=1, help="drafter transformer blocks")
+    d.add_argument("--train-steps", type=ascii_int, default=2000, help="optimizer steps")
+    d.add_argument("--batch-size", type=ascii_int, default=128, help="drafted positions per step")
+    d.add_argument("--unroll", type=ascii_int, default=3, help="steps unrolled with drafted features fed back")
+    d.add_argument("--lr", type=ascii_float, default=1e-3, help="peak learning rate")
+    d.add_argument("--seed", type=ascii_int, default=0, help="random seed")
+    d.add_argument("--threads", type=ascii_int, default=2, help="torch CPU threads")
     d.set_defaults(func=_train_drafter)
 
     v = sub.add_parser("serve", formatter_class=fmt, help="serve generation over HTTP with Ray Serve (serving extra)",
                        description="Run freedit as a Ray Serve application: POST /generate, GET /health, GET /stats, "
                                    "OpenAPI at /docs. Requests arriving together are batched; Ctrl-C or SIGTERM drains "
                                    "(503 to new work, in-flight work finishes) and stops. See docs/SERVING.md.")
-    v.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (0.0.0.0 for every interface)")
-    v.add_argument("--port", type=int, default=8000, help="HTTP port")
+    v.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (0.0.0.0 for every interface). "
+                   "With a loopback host and no --address, Ray's own ports listen on 127.0.0.1 only")
+    v.add_argument("--port", type=bounded(ascii_int, "value", 1, 65535), default=8000, help="HTTP port, 1..65535")
     v.add_argument("--address", default=None, help="Ray cluster to join ('auto' = the one `ray start` made on this "
                    "node, or ray://HOST:10001); default: start a private Ray on this machine")
     v.add_argument("--name", default="freedit", help="Serve application name")
     v.add_argument("--route-prefix", default="/", help="URL prefix of the application")
-    v.add_argument("--replicas", type=int, default=1, help="replicas, each with its own Pipeline")
-    v.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs Ray reserves per replica (1 = one GPU each)")
-    v.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    v.add_argument("--replicas", type=ascii_int, default=1, help="replicas, each with its own Pipeline")
+    v.add_argument("--gpus-per-replica", type=ascii_float, default=0.0, help="GPUs Ray reserves per replica (1 = one GPU each)")
+    v.add_argument("--cpus-per-replica", type=ascii_float, default=1.0, help="CPUs Ray reserves per replica")
     v.add_argument("--model", default=None, help="model directory with dit.onnx (default: the bundled digits DiT)")
     v.add_argument("--backend", default="onnxruntime", help="backend of every replica (see `generate --backend`)")
-    v.add_argument("--threads", type=int, default=None, help="CPU threads per replica (ONNX Runtime / torch)")
-    v.add_argument("--batch-size", type=int, default=None, help="samples in flight per DiT call (default: the model's)")
-    v.add_argument("--max-images", type=int, default=64, help="most class labels (images) one request may ask for")
-    v.add_argument("--max-steps", type=int, default=250, help="most sampling steps one request may ask for")
-    v.add_argument("--max-batch-size", type=int, default=16, help="most requests merged into one batch")
-    v.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests")
-    v.add_argument("--max-ongoing-requests", type=int, default=32, help="requests a replica holds (batch queue included)")
-    v.add_argument("--max-queued-requests", type=int, default=64, help="requests waiting for a replica before 503 "
+    v.add_argument("--threads", type=ascii_int, default=None, help="CPU threads per replica (ONNX Runtime / torch)")
+    v.add_argument("--batch-size", type=ascii_int, default=None, help="samples in flight per DiT call (default: the model's)")
+    v.add_argument("--max-images", type=ascii_int, default=64, help="most class labels (images) one request may ask for")
+    v.add_argument("--max-steps", type=ascii_int, default=250, help="most sampling steps one request may ask for")
+    v.add_argument("--max-batch-size", type=ascii_int, default=16, help="most requests merged into one batch")
+    v.add_argument("--batch-wait-ms", type=ascii_float, default=20.0, help="how long a batch waits for more requests")
+    v.add_argument("--max-ongoing-requests", type=ascii_int, default=32, help="requests a replica holds (batch queue included)")
+    v.add_argument("--max-queued-requests", type=ascii_int, default=64, help="requests waiting for a replica before 503 "
                    "(-1 = unbounded)")
-    v.add_argument("--request-timeout", type=float, default=300.0, help="seconds before the proxy answers 408")
-    v.add_argument("--graceful-timeout", type=float, default=120.0, help="seconds a stopping replica may take to "
+    v.add_argument("--request-timeout", type=ascii_float, default=300.0, help="seconds before the proxy answers 408")
+    v.add_argument("--max-body-bytes", type=ascii_int, default=64 * 1024,
+                   help="largest /generate body in bytes (413 above), 1024..67108864")
+    v.add_argument("--token-file", default=None, help="file holding a bearer token that POST /generate then requires "
+                   "(Authorization: Bearer TOKEN); replicas keep only its sha256")
+    v.add_argument("--graceful-timeout", type=ascii_float, default=120.0, help="seconds a stopping replica may take to "
                    "finish its in-flight requests")
     v.set_defaults(func=_serve)
     return parser

@@ -14,7 +14,8 @@ from functools import lru_cache
 from importlib import resources
 
 IMAGENET_CLASSES = 1000
-_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+_RANGE = re.compile(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*", re.ASCII)
+_NUMBER = re.compile(r"\s*[0-9]+\s*", re.ASCII)
 
 
 def _normal(name: str) -> str:
@@ -62,6 +63,16 @@ def lookup(name: str) -> int:
     raise ValueError(f"unknown ImageNet class name {name!r}{hint}")
 
 
+def count_classes(text: str) -> int:
+    """How many labels ``text`` asks for (a range counts its length), without expanding anything:
+    a request is sized before a model is loaded or a list is built."""
+    total = 0
+    for part in text.split(","):
+        bounds = _RANGE.fullmatch(part)
+        total += int(bounds[2]) - int(bounds[1]) + 1 if bounds and int(bounds[2]) >= int(bounds[1]) else 1
+    return total
+
+
 def parse_classes(text: str, num_classes: int) -> list[int]:
     """A comma list of numbers, ranges 'a-b' and (for ImageNet models) names -> class indices, each checked."""
     labels: list[int] = []
@@ -72,13 +83,13 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
             if lo > hi:
                 raise ValueError(f"classes {text!r}: range {part.strip()!r} is empty (write it low-high)")
             labels += range(lo, min(hi, num_classes) + 1)  # past the last class: refused below, never expanded
-        elif part.strip().isdigit():
+        elif _NUMBER.fullmatch(part):  # ASCII digits only (int() also takes other scripts' digits)
             labels.append(int(part))
         elif num_classes == IMAGENET_CLASSES and part.strip():
             labels.append(lookup(part))
         else:
             what = "numbers or ImageNet class names" if num_classes == IMAGENET_CLASSES else \
-                f"integers such as '0-{num_classes - 1}' or '1,4,7' (class names are for ImageNet models)"
+                f"integers (digits 0-9) such as '0-{num_classes - 1}' or '1,4,7' (class names are for ImageNet models)"
             raise ValueError(f"classes {text!r}: {part.strip()!r} is not a class; expected {what}")
     bad = sorted({y for y in labels if not 0 <= y < num_classes})
     if bad:

@@ -41,6 +41,19 @@ CONTRACTS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
 }
 
 
+#: The fixed variance of a DiT without learned sigma: "large" (log beta, with the posterior variance
+#: at the last step) is what facebookresearch/DiT's create_diffusion(learn_sigma=False) samples with;
+#: "small" is the clipped posterior variance (log beta tilde). Graphs exported before this field existed
+#: carry none and get DiT's default.
+FIXED_VARIANCES = ("large", "small")
+DEFAULT_FIXED_VARIANCE = "large"
+CFG_MODES = ("reference", "all")
+#: Bounds of the metadata's integers: generous for any DiT, small enough to refuse nonsense before
+#: anything is sized from them.
+INFO_BOUNDS = {"input_size": (1, 4096), "in_channels": (1, 256), "patch_size": (1, 256), "hidden_size": (1, 65536),
+               "num_classes": (1, 1_000_000)}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the runtime needs to know about a DiT: read from the ONNX metadata."""
@@ -52,6 +65,22 @@ class ModelInfo:
     num_classes: int
     learn_sigma: bool
     cfg_mode: str
+    fixed_variance: str = DEFAULT_FIXED_VARIANCE  # used only when learn_sigma is False
+
+    def __post_init__(self):
+        for name, (lo, hi) in INFO_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ContractError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if not isinstance(self.learn_sigma, bool):
+            raise ContractError(f"learn_sigma must be true or false, got {self.learn_sigma!r}")
+        if self.cfg_mode not in CFG_MODES:
+            raise ContractError(f"cfg_mode must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
+        if self.fixed_variance not in FIXED_VARIANCES:
+            raise ContractError(f"fixed_variance must be one of {', '.join(FIXED_VARIANCES)}, "
+                                f"got {self.fixed_variance!r}")
+        if self.input_size % self.patch_size:
+            raise ContractError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def out_channels(self) -> int:
@@ -67,8 +96,18 @@ class ModelInfo:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelInfo":
-        data = json.loads(text)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """From the ``freedit.config`` metadata; ContractError naming a missing, mistyped or out-of-range field."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError, TypeError) as exc:
+            raise ContractError(f"not valid JSON ({str(exc)[:100]})") from None
+        if not isinstance(data, dict):
+            raise ContractError(f"expected a JSON object, got {type(data).__name__}")
+        optional = {"fixed_variance"}
+        missing = [k for k in cls.__dataclass_fields__ if k not in data and k not in optional]
+        if missing:
+            raise ContractError(f"missing {', '.join(missing)}")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass(frozen=True)
@@ -95,24 +134,64 @@ class DecoderInfo:
 def onnx_files(onnx_path) -> list:
     """The .onnx file and the external data files it refers to (sorted): what moves and is checksummed
     as one graph. Reads only the graph (needs the `onnx` package, as export and build do)."""
-    import onnx
     from pathlib import Path
 
     onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_graph(onnx_path)
     data = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    outside = [d for d in data if Path(d).is_absolute() or ".." in Path(d).parts]
+    if outside:  # a graph's weights live beside it; a location outside its folder is refused
+        raise ContractError(f"{onnx_path} refers to external data outside its folder: {', '.join(outside[:3])}")
     return [onnx_path, *(onnx_path.parent / d for d in data)]
+
+
+def load_graph(onnx_path):
+    """The graph without its weights; ContractError for a file that is not ONNX (truncated, corrupted)."""
+    import onnx
+
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own errors
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ContractError(f"{onnx_path} is not a readable ONNX file (truncated or corrupted?): {detail}") from None
 
 
 def onnx_metadata(onnx_path) -> dict[str, str]:
     """The freedit metadata of a graph (config, contract, precision), without loading its weights."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return {p.key: p.value for p in load_graph(onnx_path).metadata_props}
 
 
 def _describe(arg) -> TensorSpec:
     return TensorSpec(arg.name, arg.type, len(arg.shape))
+
+
+def expected_dims(kind: str, info: ModelInfo) -> dict[str, tuple]:
+    """Every tensor's dimensions after the batch (None: not fixed by the contract)."""
+    s, tokens = info.input_size, (info.num_tokens, info.hidden_size)
+    state, out = (info.in_channels, s, s), (info.out_channels, s, s)
+    if kind == "dit":
+        return {"x": state, "t": (), "y": (), "eps_v": out, "feat": tokens}
+    if kind == "drafter":
+        return {"feat": tokens, "x": state, "t": (), "y": (), "draft_feat": tokens, "eps_v": out}
+    return {"latent": state, "image": (3, None, None)}
+
+
+def _check_dims(kind: str, info: ModelInfo, args, source: str) -> None:
+    """Batch dimension dynamic, the others as the metadata says (a symbolic one is accepted)."""
+    want = expected_dims(kind, info)
+    for arg in args:
+        if arg.name not in want or not arg.shape:
+            continue
+        batch, *rest = arg.shape
+        if isinstance(batch, int):
+            raise ContractError(f"{source}: {arg.name!r} has a fixed batch dimension {batch}; the runtime needs a "
+                                f"dynamic one - re-export it with `freedit export`")
+        fixed = tuple(d if isinstance(d, int) else None for d in rest)
+        if any(f is not None and w is not None and f != w for f, w in zip(fixed, want[arg.name])):
+            shown = "x".join("?" if d is None else str(d) for d in fixed)
+            need = "x".join("?" if d is None else str(d) for d in want[arg.name])
+            raise ContractError(f"{source}: {arg.name!r} is [batch, {shown}], its metadata ({CONFIG_METADATA_KEY}) "
+                                f"needs [batch, {need}] - re-export it with `freedit export`")
 
 
 def check_session(kind: str, session, source: str) -> ModelInfo | DecoderInfo:
@@ -141,4 +220,5 @@ def check_session(kind: str, session, source: str) -> ModelInfo | DecoderInfo:
         info = ModelInfo.from_json(meta[CONFIG_METADATA_KEY])
     except (ValueError, KeyError, TypeError) as exc:
         raise ContractError(f"{source}: unreadable '{CONFIG_METADATA_KEY}' metadata ({exc})") from None
+    _check_dims(kind, info, [*session.get_inputs(), *session.get_outputs()], source)
     return info

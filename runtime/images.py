@@ -1,10 +1,11 @@
-"""Images out of the sampler: [-1, 1] floats to uint8, grids, and PNG files written atomically."""
+"""Images out of the sampler: [-1, 1] floats to uint8, grids, and PNG files (via runtime/outputs.py)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from freedit.runtime.outputs import write_outputs
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:
@@ -27,27 +28,17 @@ def make_grid(images: np.ndarray, ncol: int, pad: int = 1, scale: int = 1) -> np
     return grid
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail before any work if ``path`` cannot be written (missing or read-only folder)."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ValueError(f"output path {path} is a folder; give a file name such as {path / 'grid.png'}")
-    if not folder.is_dir():
-        raise ValueError(f"output folder {folder} does not exist; create it or choose another --out")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"output folder {folder} is not writable; choose another --out")
-    return path
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 image [H,W] or [H,W,C] encoded as PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write a PNG through a temporary name, so a failure never leaves a partial file."""
-    from PIL import Image
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a PNG as runtime/outputs.py writes every output: all of it or nothing, devices in place."""
+    write_outputs({path: png_bytes(image)})

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from freedit.runtime.contract import CFG_MODES, DEFAULT_FIXED_VARIANCE
 from freedit.runtime.schedule import Schedule
-
-CFG_MODES = ("reference", "all")
 
 
 def guided_channels(mode: str, channels: int) -> int:
@@ -49,11 +48,12 @@ def predict_x0(schedule: Schedule, x: np.ndarray, eps: np.ndarray, steps: np.nda
 
 
 def transition(schedule: Schedule, x: np.ndarray, eps_v: np.ndarray, steps: np.ndarray,
-               fixed_variance: str = "small") -> tuple[np.ndarray, np.ndarray]:
+               fixed_variance: str = DEFAULT_FIXED_VARIANCE) -> tuple[np.ndarray, np.ndarray]:
     """Mean and log-variance of p(x_{i-1} | x_i) for rows at respaced steps ``steps``.
 
     Learned sigma: log var = f log beta + (1 - f) log beta_tilde (clipped), f = (v + 1) / 2.
-    Fixed variance: ``"small"`` uses the clipped posterior variance, ``"large"`` uses beta.
+    Fixed variance: ``"large"`` uses beta (DiT's default without learned sigma), ``"small"`` the clipped
+    posterior variance; ModelInfo.fixed_variance says which a model was trained for.
     Returns float32 arrays shaped like ``x`` (the log-variance broadcast to it).
     """
     x64 = x.astype(np.float64)

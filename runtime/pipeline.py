@@ -17,6 +17,9 @@ import numpy as np
 
 from freedit.runtime.backends.base import Backend
 from freedit.runtime.decode import DECODER, check_decode_batch, check_decoder_matches, decode_latents, is_latent
+from freedit.runtime.budget import check_fits, sampling_bytes
+from freedit.runtime.limits import (MAX_BATCH_SIZE, MAX_CFG_SCALE, MAX_IMAGES, MAX_PIPELINE_JSON_BYTES, MAX_RELAX,
+                                    MAX_THREADS, MAX_WINDOW, check_int, check_number, is_int)
 from freedit.runtime.images import make_grid, to_uint8
 from freedit.runtime.contract import ContractError
 from freedit.runtime.overlap import Timeline
@@ -24,6 +27,7 @@ from freedit.runtime.round import ENGINE_IO, RoundRunner, RoundSettings, RoundSp
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 
 SAMPLERS = ("free", "free-relax", "frozen", "sequential", "ddim")
+
 SPECULATIVE = ("free", "free-relax", "frozen")
 #: Backends by name: ONNX Runtime (CPU; CUDA with onnxruntime-gpu), PyTorch (extra `torch`; eager or
 #: compiled, CPU or CUDA) and TensorRT (plans from `freedit build`, GPU only).
@@ -70,14 +74,80 @@ class GenerationResult:
 
 
 def _check_steps(steps) -> str:
-    if isinstance(steps, bool) or steps is None:
+    if isinstance(steps, bool) or steps is None or (isinstance(steps, str) and not steps.strip()) \
+            or not isinstance(steps, (str, int, np.integer)):
         raise ValueError(f"steps must be a positive step count such as 250 or a spacing such as 'ddim50', got {steps!r}")
     if isinstance(steps, (int, np.integer)):
         if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps}")
         return str(int(steps))
+    if not steps.isascii():
+        raise ValueError(f"steps must be written with ASCII digits (e.g. 250 or 'ddim50'), got {steps!r}")
     Schedule.create(steps)  # raises a ValueError that says what is wrong with the spacing
     return str(steps)
+
+
+def _check_checkpoints(value) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"must be an object of file names such as {{\"dit\": \"dit.safetensors\"}}, got {value!r}")
+    unknown = sorted(set(value) - {"dit", "drafter", DECODER})
+    if unknown:
+        raise ValueError(f"unknown engine(s) {unknown}; expected 'dit', 'drafter' and '{DECODER}'")
+    for name in value.values():  # plain names: a model folder must not point outside itself
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a plain file name inside the model folder")
+    return value
+
+
+def _check_sampler(value) -> str:
+    if not isinstance(value, str) or value not in SAMPLERS:
+        raise ValueError(f"must be one of {', '.join(SAMPLERS)}, got {value!r}")
+    return value
+
+
+#: pipeline.json: key -> check of its value (the model's defaults; ``checkpoints`` names the weights
+#: files of the torch backend inside the model folder).
+DEFAULTS_SCHEMA = {
+    "sampler": _check_sampler,
+    "steps": _check_steps,
+    "cfg_scale": lambda v: check_number("cfg scale", v, 0.0, MAX_CFG_SCALE),
+    "batch_size": lambda v: check_int("batch size", v, 1, MAX_BATCH_SIZE),
+    "window": lambda v: check_int("window length L", v, 1, MAX_WINDOW),
+    "relax": lambda v: check_number("relax lambda", v, 0.0, MAX_RELAX),
+    "decode_batch_size": check_decode_batch,
+    "checkpoints": _check_checkpoints,
+}
+
+
+def read_defaults(path: Path) -> dict:
+    """A model folder's pipeline.json, checked key by key; ContractError naming the file and the key."""
+    file = Path(path) / "pipeline.json"
+    if not file.exists():
+        return {}
+    if not file.is_file():
+        raise ContractError(f"{file} is not a regular file")
+    size = file.stat().st_size
+    if size > MAX_PIPELINE_JSON_BYTES:
+        raise ContractError(f"{file} is {size:,} bytes; a pipeline.json holds a few defaults (at most "
+                            f"{MAX_PIPELINE_JSON_BYTES:,} bytes)")
+    try:
+        data = json.loads(file.read_bytes())
+    except RecursionError:
+        raise ContractError(f"{file} is nested too deeply to be a pipeline.json") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ContractError(f"{file} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{file} must hold a JSON object of defaults, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(DEFAULTS_SCHEMA))
+    if unknown:
+        raise ContractError(f"{file}: unknown key(s) {unknown}; known: {', '.join(DEFAULTS_SCHEMA)}")
+    for key, check in DEFAULTS_SCHEMA.items():
+        if key in data:
+            try:
+                check(data[key])
+            except ValueError as exc:
+                raise ContractError(f"{file}: {key!r}: {exc}") from None
+    return data
 
 
 class Pipeline:
@@ -105,28 +175,51 @@ class Pipeline:
         path = Path(path)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        if threads is not None:
+            check_int("threads", threads, 1, MAX_THREADS)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist")
         dit = path / "dit.onnx"
         if not dit.is_file():
             raise FileNotFoundError(f"{path} has no dit.onnx; export one with `freedit export` (or reinstall freedit "
                                     f"for the bundled model)")
-        defaults = json.loads((path / "pipeline.json").read_text()) if (path / "pipeline.json").is_file() else {}
+        defaults = read_defaults(path)
         if precision is not None and not backend.startswith("torch"):
             raise ValueError(f"--precision chooses the torch backends' precision; {backend} runs the precision the "
                              f"graph was exported with (freedit export --precision)")
-        return cls(_make_backend(backend, path, defaults, threads, precision or "fp32", device_id), defaults,
+        pipe = cls(_make_backend(backend, path, defaults, threads, precision or "fp32", device_id), defaults,
                    source=str(path))
+        probe_engines(pipe.backend, str(path))
+        return pipe
 
     @classmethod
     def default(cls, backend: str = "onnxruntime", threads: int | None = None) -> "Pipeline":
         """The bundled digits DiT, run with ONNX Runtime on the CPU."""
         return cls.from_directory(default_model_dir(), backend=backend, threads=threads)
 
+    def resolve(self, sampler: str | None = None, steps=None, cfg_scale: float | None = None,
+                batch_size: int | None = None, window: int | None = None, relax: float | None = None) -> dict:
+        """Settings with the model's defaults in place of None (relax is 0 unless the sampler is free-relax)."""
+        d = self.defaults
+        sampler = d["sampler"] if sampler is None else sampler
+        return dict(sampler=sampler, steps=d["steps"] if steps is None else steps,
+                    cfg_scale=d["cfg_scale"] if cfg_scale is None else cfg_scale,
+                    batch_size=d["batch_size"] if batch_size is None else batch_size,
+                    window=d["window"] if window is None else window,
+                    relax=(d["relax"] if relax is None else relax) if sampler == "free-relax" else 0.0)
+
     def validate(self, class_labels: Sequence[int], sampler: str, steps, cfg_scale: float, seed: int,
-                 batch_size: int, window: int = 6, relax: float = 0.0) -> tuple[np.ndarray, str]:
-        """Check every argument before any sampling starts; raise ValueError saying what to change."""
-        labels = np.asarray(list(class_labels))
+                 batch_size: int, window: int = 6, relax: float = 0.0, extra_bytes: int = 0) -> tuple[np.ndarray, str]:
+        """Check every argument before any sampling starts; raise ValueError saying what to change.
+
+        The estimated memory of the call (plus ``extra_bytes`` the caller will need, such as written
+        images) must fit what this machine has (runtime/budget.py)."""
+        labels = list(class_labels)
+        if len(labels) > MAX_IMAGES:
+            raise ValueError(f"at most {MAX_IMAGES:,} class labels (images) per call, got {len(labels):,}")
+        if not all(is_int(v) for v in labels):
+            raise ValueError(f"class labels must be integers, got {[v for v in labels if not is_int(v)][:5]}")
+        labels = np.asarray(labels)
         if labels.size == 0:
             raise ValueError("no class labels given")
         if labels.dtype.kind not in "iu":
@@ -139,19 +232,21 @@ class Pipeline:
         if sampler in ("free", "free-relax") and not self.has_drafter:
             raise ValueError(f"sampler {sampler!r} needs a drafter: {self.source or 'this model'} has no drafter.onnx "
                              f"(train one with `freedit train-drafter`, or use --sampler frozen or sequential)")
-        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-            raise ValueError(f"window length L must be an integer >= 1, got {window!r}")
-        if not np.isfinite(relax) or relax < 0:
-            raise ValueError(f"relax lambda must be >= 0, got {relax}")
-        if not np.isfinite(cfg_scale) or cfg_scale < 0:
-            raise ValueError(f"cfg scale must be >= 0 (1 = no guidance), got {cfg_scale}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        window = check_int("window length L", window, 1, MAX_WINDOW)
+        relax = check_number("relax lambda", relax, 0.0, MAX_RELAX)
+        cfg_scale = check_number("cfg scale", cfg_scale, 0.0, MAX_CFG_SCALE, " (1 = no guidance)")
+        if not is_int(seed) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if not is_int(batch_size) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch size must be a positive integer <= {MAX_BATCH_SIZE:,}, got {batch_size!r}")
         spacing = _check_steps(steps)
         if sampler == "ddim" and not spacing.startswith("ddim") and not spacing.isdigit():
             raise ValueError("the ddim sampler takes a step count (e.g. 50) or 'ddimN'")
+        num_steps = Schedule.create(f"ddim{spacing}" if sampler == "ddim" and spacing.isdigit() else spacing).num_steps
+        on_gpu = "cuda" in self.backend.name or "tensorrt" in self.backend.name
+        check_fits(sampling_bytes(self.info, len(labels), num_steps, int(batch_size),
+                                  window if sampler in SPECULATIVE else 0, cfg_scale != 1.0, not on_gpu) + extra_bytes,
+                   f"sampling {len(labels):,} images at batch size {batch_size}")
         return labels.astype(np.int64), spacing
 
     def generate(self, class_labels: Sequence[int], sampler: str | None = None, steps=None,
@@ -172,13 +267,10 @@ class Pipeline:
         Latent DiTs with a ``vae_decoder`` decode the final latents (``decode=False`` skips it),
         ``decode_batch_size`` latents per decoder call; ``.latents`` keeps them either way.
         """
-        sampler = self.defaults["sampler"] if sampler is None else sampler
-        steps = self.defaults["steps"] if steps is None else steps
-        cfg_scale = float(self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)
-        batch_size = self.defaults["batch_size"] if batch_size is None else batch_size
-        window = self.defaults["window"] if window is None else window
-        relax = float(self.defaults["relax"] if relax is None else relax) if sampler == "free-relax" else 0.0
-        labels, spacing = self.validate(class_labels, sampler, steps, cfg_scale, seed, batch_size, window, relax)
+        settings = self.resolve(sampler, steps, cfg_scale, batch_size, window, relax)
+        sampler, steps, cfg_scale, batch_size, window, relax = settings.values()
+        labels, spacing = self.validate(class_labels, seed=seed, **settings)
+        cfg_scale, relax = float(cfg_scale), float(relax)  # checked real numbers (bools and strings refused)
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
             raise ValueError(f"micro batches must be an integer >= 1, got {micro_batches!r}")
         if micro_batches > 1 and sampler not in SPECULATIVE:
@@ -201,7 +293,7 @@ class Pipeline:
         drafter = ("frozen" if sampler == "frozen" else "free") if speculative else None
         spec = RoundSpec(self.info, slots=slots, max_window=longest if speculative else 0, guided=cfg_scale != 1.0,
                          drafter=drafter, t_feat=drafter == "free" and "t_feat" in self.backend.inputs("drafter"),
-                         fixed_variance=self.defaults.get("fixed_variance", "small"))
+                         fixed_variance=self.info.fixed_variance)
         settings = RoundSettings(schedule, int(seed), cfg_scale, window if window_schedule is None else 0,
                                  window_schedule, relax, ddim=sampler == "ddim")
         kind = self._maths_kind(maths)
@@ -412,6 +504,37 @@ def _make_backend(name: str, path: Path, defaults: dict, threads: int | None, pr
     from freedit.runtime.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend(path, device_id=device_id)
+
+
+def probe_engines(backend: Backend, source: str) -> None:
+    """One call per engine with a single row at the null label: a graph whose metadata does not fit it
+    (a num_classes beyond its label table, fixed shapes) fails here in one line instead of mid-sampling."""
+    info = backend.info("dit")
+    x = np.zeros((1, info.in_channels, info.input_size, info.input_size), np.float32)
+    feeds = {"x": x, "t": np.full(1, NUM_TRAIN_TIMESTEPS - 1, np.float32), "y": np.full(1, info.null_label, np.int64)}
+    want = {"eps_v": (1, info.out_channels, info.input_size, info.input_size),
+            "feat": (1, info.num_tokens, info.hidden_size)}
+    for engine in ("dit", "drafter"):
+        if engine not in backend.engines():
+            continue
+        if engine == "drafter":
+            feeds = {**feeds, "feat": np.zeros(want["feat"], np.float32)}
+            if "t_feat" in backend.inputs("drafter"):
+                feeds["t_feat"] = feeds["t"]
+            want = {"draft_feat": want["feat"], "eps_v": want["eps_v"]}
+        try:
+            out = backend.run(engine, feeds)
+        except Exception as exc:  # the backend's own error types (onnxruntime Fail, TensorRT, torch)
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ContractError(f"{source}: a test call of {engine} with the null label {info.null_label} failed "
+                                f"({detail}); its metadata (num_classes {info.num_classes}, input "
+                                f"{info.in_channels}x{info.input_size}x{info.input_size}) does not fit the graph - "
+                                f"re-export it with `freedit export`") from None
+        bad = [f"{k} {tuple(np.shape(out.get(k)))} instead of {v}" for k, v in want.items()
+               if tuple(np.shape(out.get(k))) != v]
+        if bad:
+            raise ContractError(f"{source}: {engine} returned {', '.join(bad)} for one row; its metadata does not "
+                                f"fit the graph - re-export it with `freedit export`")
 
 
 def check_drafter_matches(dit, drafter, source: str) -> None:

@@ -7,9 +7,15 @@ its label, never on its neighbours. Hence:
 
 - a request with a seed keeps indices 0..n-1 and may share a call with requests of the same seed
   and settings whose labels agree on the indices they share (identical requests, prefixes);
-- a request without a seed has no index to keep: it is packed behind the others of a call with the
-  same settings, at indices k..k+n-1 of that call's seed. The response names the seed and the indices,
-  so ``Pipeline.generate(labels placed at those indices, seed=seed)`` reproduces it exactly.
+- a request without a seed gets a fresh secret seed of its own (``secrets``), returned in the
+  response, and a call of its own: it never shares noise keys with another request, so no client
+  can predict or reproduce another's "random" images.
+
+Hardening: request bodies are capped before they are parsed, JSON with duplicate keys is refused,
+types are strict (``"1.5"`` or ``true`` is not a number), ``/generate`` takes an optional bearer
+token, and neither ``/health`` nor any answer shows the model's filesystem path (a name and a
+checksum instead). Every error the application answers is a JSON envelope; docs/SERVING.md lists
+the few that Ray's proxy answers itself.
 
 Run it with ``freedit serve`` (see docs/SERVING.md), or ``serve run freedit.runtime.serving:build_app``.
 """
@@ -17,22 +23,27 @@ Run it with ``freedit serve`` (see docs/SERVING.md), or ``serve run freedit.runt
 # serve.ingress has rebound the methods.
 import asyncio
 import base64
-import io
+import hashlib
+import hmac
 import json
-import math
+import os
 import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Optional
+from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
 
+from freedit.runtime.images import png_bytes
+from freedit.runtime.limits import MAX_CFG_SCALE, MAX_RELAX, MAX_WINDOW
+from freedit.runtime.outputs import json_safe
 from freedit.runtime.pipeline import SAMPLERS, SPECULATIVE, speculative_summary
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 
@@ -45,21 +56,27 @@ MAX_LABELS_SCHEMA = 1024
 MAX_CLASS_LABEL = 1_000_000
 
 
-class GenerateRequest(BaseModel):
-    """Body of POST /generate. Omitted settings take the model's defaults (pipeline.json)."""
+#: Default cap of a /generate body: 1024 labels of 7 digits and every other field fit in 16 KiB.
+MAX_BODY_BYTES = 64 * 1024
 
-    model_config = ConfigDict(extra="forbid")
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate. Omitted settings take the model's defaults (pipeline.json).
+
+    Strict: numbers must be JSON numbers (not strings, not booleans), integers must be integers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     class_labels: list[Annotated[StrictInt, Field(ge=0, le=MAX_CLASS_LABEL)]] = Field(
         min_length=1, max_length=MAX_LABELS_SCHEMA, description="one image per label; at most max_images (server limit)")
     sampler: Optional[Literal[SAMPLERS]] = Field(None, description="default: free when the model has a drafter")
     steps: Optional[StrictInt] = Field(None, ge=1, le=NUM_TRAIN_TIMESTEPS,
                                        description="at most max_steps (server limit)")
-    cfg_scale: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False, description="1 = no guidance")
+    cfg_scale: Optional[float] = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False, description="1 = no guidance")
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63,
                                       description="omit to let the server pick one (and batch freely)")
-    window: Optional[StrictInt] = Field(None, ge=1, le=64, description="FREE's draft window L")
-    relax: Optional[float] = Field(None, ge=0, le=1e6, allow_inf_nan=False, description="free-relax lambda")
+    window: Optional[StrictInt] = Field(None, ge=1, le=MAX_WINDOW, description="FREE's draft window L")
+    relax: Optional[float] = Field(None, ge=0, le=MAX_RELAX, allow_inf_nan=False, description="free-relax lambda")
     format: Literal["base64", "multipart"] = Field("base64",
                                                    description="PNGs as base64 in JSON, or multipart/mixed parts")
 
@@ -83,36 +100,100 @@ class ServeConfig(BaseModel):
     max_ongoing_requests: int = Field(32, ge=1, description="per replica, batch queue included")
     max_queued_requests: int = Field(64, ge=-1, description="waiting per caller (proxy) before 503; -1 = unbounded")
     graceful_shutdown_timeout_s: float = Field(120.0, ge=0, description="how long a stopping replica finishes its work")
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024, le=64 * 2**20, description="largest /generate body (413 above)")
+    token_sha256: Optional[str] = Field(None, pattern="^[0-9a-f]{64}$",
+                                        description="sha256 of the bearer token /generate requires (none: open)")
+
+
+def token_digest(token: str) -> str:
+    """What ServeConfig.token_sha256 holds: replicas keep the digest, never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class ServeError(HTTPException):
     """An HTTP error answered as {"error": message}."""
 
 
-def _error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+def _error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status, headers=headers)
 
 
 app = FastAPI(title="freedit", version="1", description="Class-conditional DiT sampling with FREE speculative sampling.")
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+def _invalid(errors: list[dict], drop_loc: int = 0) -> JSONResponse:
     # One readable line ("class_labels.0: Input should be ..."), plus where and what, without echoing the input.
-    problems = [_problem(e) for e in exc.errors()]
+    problems = [_problem(e, drop_loc) for e in errors]
     line = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems[:5])
     return _error(422, f"invalid request: {line}", problems=problems[:20])
 
 
-def _problem(e: dict) -> dict:
-    if e["type"] == "json_invalid":  # FastAPI's loc is (body, character offset)
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _invalid(exc.errors(), drop_loc=1)  # FastAPI's loc starts with "body" / "query"
+
+
+def _problem(e: dict, drop_loc: int = 0) -> dict:
+    if e["type"] == "json_invalid":  # pydantic's loc is empty, FastAPI's is (body, character offset)
         return {"loc": ["body"], "msg": f"invalid JSON ({e.get('ctx', {}).get('error', e['msg'])})", "type": e["type"]}
-    return {"loc": [str(p) for p in e["loc"][1:]] or ["body"], "msg": e["msg"], "type": e["type"]}
+    return {"loc": [str(p) for p in e["loc"][drop_loc:]] or ["body"], "msg": e["msg"], "type": e["type"]}
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything the handlers did not expect is still a JSON envelope, without the traceback."""
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    duplicated = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicated:
+        raise ServeError(422, f"invalid request: duplicate key(s) {duplicated} in a JSON object; each field once")
+    return dict(pairs)
+
+
+async def read_request(request: Request, max_bytes: int) -> GenerateRequest:
+    """The body of /generate: JSON, at most ``max_bytes`` (refused before it is read in full), no duplicate
+    keys, then GenerateRequest's strict validation. Every refusal is a ServeError or a 422 JSONResponse."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ServeError(415, f"the body must be application/json, got {kind!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise ServeError(413, f"request body of {declared} bytes; at most {max_bytes:,} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise ServeError(413, f"request body over {max_bytes:,} bytes")
+    try:
+        json.loads(body, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ServeError(422, "invalid request: JSON nested too deeply") from None
+    except ValueError:
+        pass  # not JSON at all: pydantic's parser below says where
+    return GenerateRequest.model_validate_json(bytes(body))
+
+
+def model_identity(model_dir: str | Path) -> dict:
+    """What /health and responses show instead of a path: the folder's name and a sha256 over its graph
+    files (dit.onnx, drafter.onnx and their external data files, name and content)."""
+    folder = Path(model_dir)
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.split(".onnx")[0] in ("dit", "drafter")
+                   and (p.name.endswith(".onnx") or ".onnx." in p.name) and not p.name.endswith(".tmp"))
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return {"name": folder.name, "sha256": h.hexdigest(), "files": [p.name for p in files]}
 
 
 @dataclass
@@ -138,13 +219,11 @@ class _Call:
     labels: list[int]
     members: dict[int, int] = field(default_factory=dict)
 
+    secret: bool = False  # a seedless request's own call: nobody else may join it
+
     def admit(self, i: int, job: _Job) -> bool:
-        if job.key != self.key:
+        if job.key != self.key or job.seed is None or self.secret:
             return False
-        if job.seed is None:  # any free indices will do: the ones after the last
-            self.members[i] = len(self.labels)
-            self.labels += job.labels
-            return True
         if job.seed == self.seed and all(a == b for a, b in zip(self.labels, job.labels)):
             self.members[i] = 0  # same indices as alone; only the tail is new
             self.labels += job.labels[len(self.labels):]
@@ -153,34 +232,17 @@ class _Call:
 
 
 def plan_calls(jobs: list[_Job]) -> list[_Call]:
-    """Merge jobs into generate calls; each job gets exactly Pipeline.generate's images at its seed and indices."""
+    """Merge jobs into generate calls; each job gets exactly Pipeline.generate's images at its seed and indices.
+
+    Seeded jobs share calls where exactness allows. A seedless job gets a fresh secret seed and a call of
+    its own, so its noise keys (seed, index, step) are never another request's."""
     calls: list[_Call] = []
     for i, job in enumerate(jobs):
-        if not any(call.admit(i, job) for call in calls):
-            seed = job.seed if job.seed is not None else secrets.randbelow(2**63)
-            calls.append(_Call(job.key, job.settings, seed, list(job.labels), {i: 0}))
+        if job.seed is None:
+            calls.append(_Call(job.key, job.settings, secrets.randbelow(2**63), list(job.labels), {i: 0}, secret=True))
+        elif not any(call.admit(i, job) for call in calls):
+            calls.append(_Call(job.key, job.settings, job.seed, list(job.labels), {i: 0}))
     return calls
-
-
-def _json(value: Any) -> Any:
-    """numpy scalars and tuples to JSON; NaN and infinities to null (JSON has none)."""
-    if isinstance(value, dict):
-        return {str(k): _json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def multipart(meta: dict, pngs: list[bytes]) -> Response:
@@ -220,15 +282,38 @@ def _drain_switch(app_name: str):
                                lifetime="detached").remote()
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve (2.60) starts an inter-deployment gRPC server in every replica on "[::]:0", every
+    interface, with no setting for it. In loopback-only mode this replica gives it "127.0.0.1:0"
+    instead; called from the replica's constructor, which runs before Ray starts that server."""
+    from ray.serve._private import replica as replica_module
+
+    original = getattr(replica_module, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "freedit_loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        return original(server, "127.0.0.1:" + address[len("[::]:"):] if address.startswith("[::]:") else address)
+
+    on_loopback.freedit_loopback = True
+    replica_module.add_port_to_grpc_server = on_loopback
+
+
+# Everything FreeditServer uses must be defined above it: Ray serializes the class together with the
+# module globals that exist when these decorators run.
 @serve.deployment
 @serve.ingress(app)
 class FreeditServer:
     def __init__(self, config: dict):
         from freedit.runtime.pipeline import Pipeline, default_model_dir
 
+        if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":  # a loopback-only Ray (loopback_only_ray)
+            _replica_grpc_on_loopback()
         self.config = ServeConfig(**config)
-        self.pipe = Pipeline.from_directory(self.config.model or default_model_dir(), backend=self.config.backend,
-                                            threads=self.config.threads)
+        model_dir = Path(self.config.model or default_model_dir())
+        self.pipe = Pipeline.from_directory(model_dir, backend=self.config.backend, threads=self.config.threads)
+        self.model = model_identity(model_dir)
+        self._paths = sorted({str(model_dir), str(model_dir.resolve())}, key=len, reverse=True)
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         context = serve.get_replica_context()
@@ -261,7 +346,7 @@ class FreeditServer:
         try:
             _, spacing = self.pipe.validate(req.class_labels, seed=req.seed or 0, batch_size=self._batch_size(), **settings)
         except ValueError as exc:
-            raise ServeError(422, str(exc)) from None
+            raise ServeError(422, self._scrub(str(exc))) from None
         steps = Schedule.create(spacing).num_steps  # the model's default may be a spacing such as 'ddim50'
         if steps > cfg.max_steps:
             raise ServeError(422, f"steps: at most {cfg.max_steps} on this server, got {steps}")
@@ -270,14 +355,39 @@ class FreeditServer:
     def _batch_size(self) -> int:
         return self.config.batch_size or int(self.pipe.defaults["batch_size"])
 
+    def _scrub(self, text: str) -> str:
+        """Messages from the pipeline or a backend may name the model's folder: show its name instead."""
+        for path in self._paths:
+            text = text.replace(path, self.model["name"])
+        return text
+
+    def _authorize(self, request: Request) -> None:
+        if self.config.token_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(token.strip()), self.config.token_sha256):
+            raise ServeError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
+                             headers={"WWW-Authenticate": "Bearer"})
+
     @app.post("/generate", responses={200: {"description": "PNG images with per-sample statistics"},
+                                      401: {"description": "bearer token missing or wrong (when the server has one)"},
+                                      413: {"description": "body over max_body_bytes"},
+                                      415: {"description": "body not application/json"},
                                       422: {"description": "invalid request"},
-                                      503: {"description": "overloaded or draining"}})
-    async def generate(self, req: GenerateRequest):
+                                      503: {"description": "overloaded or draining"}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": GenerateRequest.model_json_schema()}}}})
+    async def generate(self, request: Request):
         if self.draining:
             self.counts["refused"] += 1
             return _error(503, "server is draining: not accepting new work")
         try:
+            self._authorize(request)
+            try:
+                req = await read_request(request, self.config.max_body_bytes)
+            except ValidationError as exc:
+                self.counts["rejected"] += 1
+                return _invalid(exc.errors())
             job = self._resolve(req)
         except ServeError:
             self.counts["rejected"] += 1
@@ -289,7 +399,7 @@ class FreeditServer:
             self.in_flight -= 1
         if isinstance(outcome, Exception):
             self.counts["failed"] += 1
-            return _error(500, f"generation failed: {type(outcome).__name__}: {outcome}")
+            return _error(500, self._scrub(f"generation failed: {type(outcome).__name__}: {outcome}"))
         self.counts["ok"] += 1
         meta, images = self._reply(job, *outcome)
         pngs = [png_bytes(image) for image in images]
@@ -307,9 +417,10 @@ class FreeditServer:
                    "call_images": len(result.stats), "call_seconds": result.seconds}
         if result.settings["sampler"] in SPECULATIVE:
             summary.update({k: v for k, v in speculative_summary(stats).items() if k != "acceptance_by_step"})
+        settings = {**result.settings, "model": self.model["name"], "model_sha256": self.model["sha256"]}
         meta = {"seed": result.settings["seed"], "sample_indices": list(range(offset, offset + n)),
-                "class_labels": job.labels, "settings": result.settings, "summary": summary, "samples": stats}
-        return _json(meta), result.images[offset:offset + n]
+                "class_labels": job.labels, "settings": settings, "summary": summary, "samples": stats}
+        return json_safe(meta), result.images[offset:offset + n]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced in __init__ from ServeConfig
     async def generate_batch(self, jobs: list[_Job]) -> list:
@@ -346,18 +457,20 @@ class FreeditServer:
             dep = status.applications[self.app_name].deployments[self.deployment]
             deployment = {"status": str(dep.status.value), "replica_states": {str(getattr(k, "value", k)): v
                                                                                for k, v in dep.replica_states.items()},
-                          "message": dep.message}
+                          "message": self._scrub(str(dep.message))}
         except Exception as exc:  # the controller is restarting: say so rather than fail the probe
             deployment = {"status": "UNKNOWN", "message": f"{type(exc).__name__}: {exc}"}
         draining = self.draining
         body = {"status": "draining" if draining else "ok", "replica": self.replica.to_full_id_str(),
-                "deployment": deployment, "model": self.pipe.source, "backend": self.pipe.backend.name,
-                "num_classes": self.pipe.info.num_classes, "defaults": _json(self.pipe.defaults),
+                "deployment": deployment, "model": self.model, "backend": self.pipe.backend.name,
+                "num_classes": self.pipe.info.num_classes, "defaults": json_safe(self.pipe.defaults),
                 "limits": {"max_images": self.config.max_images, "max_steps": self.config.max_steps,
                            "max_batch_size": self.config.max_batch_size,
                            "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
                            "max_ongoing_requests": self.config.max_ongoing_requests,
-                           "max_queued_requests": self.config.max_queued_requests}}
+                           "max_queued_requests": self.config.max_queued_requests,
+                           "max_body_bytes": self.config.max_body_bytes},
+                "auth": "bearer" if self.config.token_sha256 else None}
         return JSONResponse(body, status_code=503 if draining else 200)
 
 
@@ -371,15 +484,48 @@ def build_app(config: ServeConfig | dict | None = None) -> serve.Application:
     ).bind(cfg.model_dump())
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def loopback_only_ray() -> None:
+    """Make the private Ray this process starts listen on 127.0.0.1 only: GCS, raylet, object manager,
+    workers, dashboard agent. This is Ray's single-machine mode (the one it uses on Windows and macOS:
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes the node's address the loopback one, and Ray binds its gRPC
+    servers to loopback when the node address is). Child processes inherit the variable."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
+
+
 def start(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
           route_prefix: str = "/", request_timeout_s: float | None = None, address: str | None = None,
           ray_init: dict | None = None) -> None:
-    """Connect to (or start) Ray, start Serve's HTTP proxy on host:port and deploy; returns once replicas are up."""
+    """Connect to (or start) Ray, start Serve's HTTP proxy on host:port and deploy; returns once replicas are up.
+
+    A private Ray (no ``address``) behind a loopback HTTP host binds all its own ports to loopback too;
+    with another host it listens where Ray does by default (every interface; see docs/SERVING.md)."""
     if not ray.is_initialized():
+        if address is None and host in LOOPBACK_HOSTS:
+            loopback_only_ray()
         ray.init(address=address, **(ray_init or {}))
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     ray.get(_drain_switch(name).set.remote(False))  # a switch left on by an earlier run must not refuse this one
-    serve.run(build_app(config), name=name, route_prefix=route_prefix)
+    try:
+        serve.run(build_app(config), name=name, route_prefix=route_prefix)
+    except Exception as exc:  # a replica that cannot start: the controller holds its traceback; keep the cause
+        from freedit.errors import FreeditError
+
+        text = str(exc)
+        try:
+            status = serve.status().applications.get(name)
+            if status is not None:
+                text += "\n" + "\n".join([status.message, *(d.message for d in status.deployments.values())])
+        except Exception:  # the controller itself is gone: Ray's own message is all there is
+            pass
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        cause = next((line for line in reversed(lines) if "Error:" in line), lines[0] if lines else repr(exc))
+        raise FreeditError(f"application {name!r} did not start: {cause[:300]}") from None
 
 
 def drain(name: str = APP_NAME) -> None:

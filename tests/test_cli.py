@@ -46,8 +46,8 @@ def test_help_explains_every_option():
     (["--steps", "-3"], "steps must be between 1 and 1000"),
     (["--steps", "ddimX"], "not a step count"),
     (["--cfg-scale", "-1"], "cfg scale must be >= 0"),
-    (["--per-class", "0"], "--per-class must be at least 1"),
-    (["--batch-size", "0"], "batch size must be a positive integer"),
+    (["--per-class", "0"], "--per-class: value must be an integer >= 1"),
+    (["--batch-size", "0"], "batch size must be an integer >= 1"),
     (["--sampler", "nope"], "unknown sampler"),
 ])
 def test_bad_generate_arguments(tiny_model_dir, tmp_path, args, message):

@@ -288,3 +288,117 @@ def test_dit_xl2_export_with_external_data_and_rtx_fp16_build(tmp_path):
     assert (tmp_path / "xl_fp32" / "dit.onnx.data").stat().st_size > 2 * 10**9
     assert run_cli("build", out, "--no-progress") == 0
     _check_manifest(out / "engines" / "dit.plan", out / "dit.onnx", "fp16", rows_max=8 * 9 * 2)
+
+
+# -- issue 15, item 10: the engine unit does not trust its own index --------------------------------
+
+def _unit(folder: Path, rtx, dit, drafter_dir: Path | None = None) -> Path:
+    """A model folder (tiny DiT, plus the drafter of ``drafter_dir``) with its engines built."""
+    import shutil
+
+    from freedit.export.onnx_export import export_dit
+
+    folder.mkdir(exist_ok=True)
+    export_dit(dit, folder / "dit.onnx")
+    if drafter_dir is not None:
+        shutil.copy(drafter_dir / "drafter.onnx", folder / "drafter.onnx")
+    build_directory(folder, rtx, BuildSettings(batch_sizes=(1,), window=1), progress=False)
+    return folder / "engines"
+
+
+def _edit_index(engines: Path, edit) -> None:
+    index = json.loads((engines / "engines.json").read_text())
+    edit(index)
+    (engines / "engines.json").write_text(json.dumps(index))
+
+
+def test_index_records_checksums_of_every_plan_and_manifest(tmp_path, tiny_dit, tiny_free_dir, rtx):
+    engines = _unit(tmp_path / "m", rtx, tiny_dit, tiny_free_dir)
+    index = json.loads((engines / "engines.json").read_text())
+    assert index["format"] == 2 and set(index["graphs"]) == {"dit", "drafter"}
+    for graph, entry in index["graphs"].items():
+        assert entry["plan"] == f"{graph}.plan"
+        assert entry["plan_sha256"] == sha256_files([engines / entry["plan"]])
+        assert entry["manifest_sha256"] == sha256_files([engines / f"{graph}.plan.json"])
+    assert set(open_engines(tmp_path / "m", rtx, device_cc=None).plans) == {"dit", "drafter"}
+
+
+def test_index_pointing_outside_the_unit_is_refused(tmp_path, tiny_dit, rtx):
+    import shutil
+
+    engines = _unit(tmp_path / "m", rtx, tiny_dit)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("dit.plan", "dit.plan.json"):  # a complete, consistent plan - but not the unit's
+        shutil.copy(engines / name, outside / name.replace("dit", "x"))
+    _edit_index(engines, lambda i: i["graphs"]["dit"].update(plan="../../outside/x.plan"))
+    with pytest.raises(StalePlanError, match="is not a file inside"):
+        open_engines(tmp_path / "m", rtx, device_cc=None)
+    (engines / "link.plan").symlink_to(outside / "x.plan")  # a plain name that resolves elsewhere
+    _edit_index(engines, lambda i: i["graphs"]["dit"].update(plan="link.plan"))
+    with pytest.raises(StalePlanError, match="is not a file inside"):
+        open_engines(tmp_path / "m", rtx, device_cc=None)
+
+
+def test_index_without_the_drafter_is_an_incomplete_unit(tmp_path, tiny_dit, tiny_free_dir, rtx):
+    engines = _unit(tmp_path / "m", rtx, tiny_dit, tiny_free_dir)
+    _edit_index(engines, lambda i: i["graphs"].pop("drafter"))
+    with pytest.raises(StalePlanError, match="incomplete unit: no plan for drafter"):
+        open_engines(tmp_path / "m", rtx, device_cc=None)
+
+
+def test_plan_swapped_together_with_a_matching_manifest_is_caught(tmp_path, tiny_dit, rtx):
+    """Another model's plan, with a manifest rewritten to describe it and to claim this ONNX: every
+    check of the manifest passes; the index's checksums do not."""
+    import torch
+
+    engines = _unit(tmp_path / "m", rtx, tiny_dit)
+    other = type(tiny_dit)(tiny_dit.config)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0.0, 0.1)
+    foreign = _unit(tmp_path / "other", rtx, other)
+    manifest = json.loads((engines / "dit.plan.json").read_text())
+    plan = (foreign / "dit.plan").read_bytes()
+    (engines / "dit.plan").write_bytes(plan)
+    manifest["plan"].update(bytes=len(plan), sha256=sha256_files([engines / "dit.plan"]))
+    (engines / "dit.plan.json").write_text(json.dumps(manifest))
+    with pytest.raises(StalePlanError) as info:
+        open_engines(tmp_path / "m", rtx, device_cc=None)
+    message = str(info.value)
+    assert "dit.plan.json is not the manifest engines.json recorded" in message
+    assert "dit.plan is not the plan engines.json recorded" in message
+    assert "not the plan its manifest describes" not in message  # the manifest alone would have passed
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda i: i.update(format=None), "index format None"),
+    (lambda i: i.update(graphs={"dit": "dit.plan"}), "index format"),  # format 1's layout, relabelled
+    (lambda i: i["graphs"]["dit"].pop("plan_sha256"), "not a complete engine index"),
+    (lambda i: i["graphs"].update(bogus=i["graphs"]["dit"]), "unknown graph(s) ['bogus']"),
+])
+def test_malformed_index_is_one_line(tmp_path, tiny_dit, rtx, edit, needle):
+    engines = _unit(tmp_path / "m", rtx, tiny_dit)
+    if needle == "index format" and "format" in json.loads((engines / "engines.json").read_text()):
+        _edit_index(engines, lambda i: i.pop("format"))
+    _edit_index(engines, edit)
+    with pytest.raises(StalePlanError, match=__import__("re").escape(needle)):
+        open_engines(tmp_path / "m", rtx, device_cc=None)
+
+
+def test_build_with_a_manifest_missing_plan_or_a_corrupted_onnx_is_one_line(tmp_path, tiny_dit, rtx, capfd):
+    engines = _unit(tmp_path / "m", rtx, tiny_dit)
+    manifest = json.loads((engines / "dit.plan.json").read_text())
+    manifest.pop("plan")
+    (engines / "dit.plan.json").write_text(json.dumps(manifest))
+    capfd.readouterr()
+    assert run_cli("build", tmp_path / "m", "--no-progress") == 2
+    err = capfd.readouterr().err
+    assert "not a complete manifest (plan is missing or not dict)" in err and "Traceback" not in err
+    data = (tmp_path / "m" / "dit.onnx").read_bytes()
+    (tmp_path / "m" / "dit.onnx").write_bytes(data[: len(data) // 3])
+    assert run_cli("build", tmp_path / "m", "--force", "--no-progress") == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("freedit build: error: ")]
+    assert "Traceback" not in err and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert "is not a readable ONNX file" in errors[0]

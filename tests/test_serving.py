@@ -11,6 +11,7 @@ import base64
 import email
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -74,7 +75,8 @@ def check_against_reference(reference, replies: list[dict]) -> None:
             np.testing.assert_array_equal(decode(r["images"]), images[r["sample_indices"]])
 
 
-async def post_all(url: str, bodies: list, path: str = "/generate") -> list[tuple[int, dict | str, float]]:
+async def post_all(url: str, bodies: list, path: str = "/generate",
+                   timeout: httpx.Timeout = TIMEOUT) -> list[tuple[int, dict | str, float]]:
     async def one(client, body):
         t0 = time.perf_counter()
         r = await client.post(path, json=body)
@@ -85,7 +87,7 @@ async def post_all(url: str, bodies: list, path: str = "/generate") -> list[tupl
         return r.status_code, payload, time.perf_counter() - t0
 
     limits = httpx.Limits(max_connections=len(bodies))
-    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         return await asyncio.gather(*(one(client, b) for b in bodies))
 
 
@@ -144,7 +146,9 @@ def test_multipart_equals_base64(server):
 def test_openapi_describes_the_bounded_request(server):
     spec = httpx.get(f"{server}/openapi.json", timeout=TIMEOUT).json()
     assert {"/generate", "/health", "/stats"} <= set(spec["paths"])
-    schema = spec["components"]["schemas"]["GenerateRequest"]
+    body = spec["paths"]["/generate"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    assert body["required"] is True and schema["title"] == "GenerateRequest"
     assert schema["additionalProperties"] is False and schema["required"] == ["class_labels"]
     assert schema["properties"]["class_labels"]["maxItems"] == serving.MAX_LABELS_SCHEMA
     assert schema["properties"]["steps"]["anyOf"][0]["maximum"] == 1000
@@ -269,7 +273,9 @@ def test_stop_drains_refuses_new_work_and_finishes_old(server):
     assert httpx.get(f"{server}/health", timeout=TIMEOUT).json()["status"] == "ok"  # other applications untouched
 
 
-def test_cli_rejects_bad_settings_in_one_line(capsys):
+def test_cli_rejects_bad_settings_in_one_line(capsys, tmp_path, bundled_dir):
+    import shutil
+
     from freedit.cli import main
 
     assert main(["serve", "--replicas", "0"]) == 2
@@ -278,19 +284,254 @@ def test_cli_rejects_bad_settings_in_one_line(capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         assert main(["serve", "--port", str(busy.getsockname()[1])]) == 2
+    truncated = tmp_path / "truncated"  # issue 15: a replica's 193-line traceback before
+    truncated.mkdir()
+    data = (bundled_dir / "dit.onnx").read_bytes()
+    (truncated / "dit.onnx").write_bytes(data[: len(data) // 2])
+    shutil.copy(bundled_dir / "pipeline.json", truncated / "pipeline.json")
+    assert main(["serve", "--model", str(truncated)]) == 2
+    (tmp_path / "short.token").write_text("abc\n")
+    assert main(["serve", "--token-file", str(tmp_path / "short.token")]) == 2
+    assert main(["serve", "--max-body-bytes", "10"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(e.startswith("freedit serve: error: ") for e in errors), errors
+    assert len(errors) == 6 and all(e.startswith("freedit serve: error: ") for e in errors), errors
     assert "--replicas" in errors[0] and "--max-images" in errors[1] and "cannot listen" in errors[2]
+    assert "not a loadable ONNX model" in errors[3] and "at least 16 ASCII characters" in errors[4]
+    assert "--max-body-bytes" in errors[5]
+    with pytest.raises(SystemExit) as exit_code:  # argparse: one line too, exit 2
+        main(["serve", "--port", "99999"])
+    assert exit_code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "value must be an integer >= 1 and <= 65,535, got 99999" in err[0]
 
 
 def test_plan_merges_only_what_stays_exact():
     free, ddim = {"sampler": "free"}, {"sampler": "ddim"}
     jobs = [serving._Job([1, 2], 7, free), serving._Job([1], 7, free), serving._Job([3], None, free),
             serving._Job([1, 2, 3], 7, free), serving._Job([1, 2, 5], 7, free), serving._Job([4], None, ddim),
-            serving._Job([1], 8, free)]
+            serving._Job([1], 8, free), serving._Job([3], None, free)]
     calls = serving.plan_calls(jobs)
-    # seed 7: the prefix [1] and the unseeded [3] (at index 2) share a call with [1, 2, 3]; [1, 2, 5] conflicts at 2.
-    assert [(c.seed, c.labels, c.members) for c in calls[:2]] == [(7, [1, 2, 3], {0: 0, 1: 0, 2: 2, 3: 0}),
-                                                                  (7, [1, 2, 5], {4: 0})]
-    assert calls[2].labels == [4] and calls[2].settings == ddim  # other settings, other call
-    assert (calls[3].seed, calls[3].members) == (8, {6: 0})
+    seeded = [(c.seed, c.labels, c.members) for c in calls if not c.secret]
+    # seed 7: the prefix [1] shares a call with [1, 2, 3]; [1, 2, 5] conflicts at index 2; seed 8 alone.
+    assert seeded == [(7, [1, 2, 3], {0: 0, 1: 0, 3: 0}), (7, [1, 2, 5], {4: 0}), (8, [1], {6: 0})]
+    # Every seedless job has a call of its own, at indices 0.., with its own secret seed.
+    secret = [c for c in calls if c.secret]
+    assert [(c.labels, c.members) for c in secret] == [([3], {2: 0}), ([4], {5: 0}), ([3], {7: 0})]
+    assert secret[1].settings == ddim and len({c.seed for c in secret}) == 3
+    assert not any(c.seed in (7, 8) for c in secret)
+
+
+# -- issue 15: hardening ------------------------------------------------------------------------------
+
+def test_seedless_requests_get_secret_seeds_of_their_own(server, reference):
+    """16 identical seedless requests and 16 seeded ones, concurrently: every seedless answer has its own
+    seed and its own images (never another request's noise), the seeded ones stay exact and batched."""
+    seedless = [{"class_labels": [3, 8], "steps": STEPS} for _ in range(16)]
+    seeded = [{"class_labels": [3, 8], "steps": STEPS, "seed": 7} for _ in range(16)]
+    bodies = [b for pair in zip(seedless, seeded) for b in pair]
+    replies = asyncio.run(post_all(server, bodies))
+    assert all(status == 200 for status, _, _ in replies), [r[:2] for r in replies if r[0] != 200][:3]
+    free = [body for (_, body, _), sent in zip(replies, bodies) if "seed" not in sent]
+    fixed = [body for (_, body, _), sent in zip(replies, bodies) if "seed" in sent]
+    assert len({r["seed"] for r in free}) == 16 and 7 not in {r["seed"] for r in free}
+    assert all(r["sample_indices"] == [0, 1] and r["summary"]["call_requests"] == 1 for r in free)
+    images = [decode(r["images"]).tobytes() for r in free]
+    assert len(set(images)) == 16, "two seedless requests got the same images"
+    seeded_images = decode(fixed[0]["images"]).tobytes()
+    assert all(decode(r["images"]).tobytes() == seeded_images for r in fixed) and seeded_images not in images
+    check_against_reference(reference, free[:2] + fixed[:1])  # the returned seed reproduces the images
+
+
+STRICT = [
+    ({"class_labels": [1], "cfg_scale": "1.5"}, "cfg_scale"), ({"class_labels": [1], "cfg_scale": True}, "cfg_scale"),
+    ({"class_labels": [1], "relax": "2"}, "relax"), ({"class_labels": [1], "window": True}, "window"),
+    ({"class_labels": [1], "steps": 20.0}, "steps"), ({"class_labels": [1], "cfg_scale": 100.5}, "cfg_scale"),
+    ({"class_labels": [1], "seed": "3"}, "seed"), ({"class_labels": ["1"]}, "class_labels"),
+]
+
+
+def test_strict_types_duplicate_keys_and_content_type(server):
+    with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
+        for body, field in STRICT:
+            r = client.post("/generate", json=body)
+            assert r.status_code == 422 and field in r.json()["error"], (body, r.status_code, r.text)
+        dup = b'{"class_labels": [1], "seed": 1, "seed": 2}'
+        r = client.post("/generate", content=dup, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "duplicate key(s) ['seed']" in r.json()["error"], r.text
+        nested = b'{"class_labels": [1], "format": {"a": {"b": 1}, "a": 2}}'
+        r = client.post("/generate", content=nested, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "duplicate key(s) ['a']" in r.json()["error"], r.text
+        r = client.post("/generate", content=b'{"class_labels": [1]}', headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and r.json()["status"] == 415
+
+
+def test_body_cap_refuses_before_parsing(server):
+    with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
+        big = b'{"class_labels": [1], "pad": "' + b"x" * (50 * 2**20) + b'"}'  # the issue's 50 MB body
+        r = client.post("/generate", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "at most 65,536 bytes" in r.json()["error"], r.text[:200]
+
+        def chunks():  # no Content-Length: counted while it streams
+            yield b'{"class_labels": [1], "pad": "'
+            for _ in range(40):
+                yield b"y" * 4096
+            yield b'"}'
+
+        r = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"].startswith("request body"), r.text[:200]
+        ok = client.post("/generate", json={"class_labels": [4], "steps": STEPS, "seed": 2})
+        assert ok.status_code == 200
+
+
+def test_health_and_answers_name_the_model_not_its_path(server, bundled_dir):
+    from freedit.runtime.serving import model_identity
+
+    with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
+        health = client.get("/health").text
+        reply = client.post("/generate", json={"class_labels": [1], "steps": STEPS, "seed": 4}).json()
+        bad = client.post("/generate", json={"class_labels": [1], "sampler": "sequential", "steps": 5000}).text
+    for text in (health, json.dumps({k: v for k, v in reply.items() if k != "images"}), bad):
+        assert str(bundled_dir) not in text and str(bundled_dir.resolve()) not in text
+    identity = model_identity(bundled_dir)
+    assert json.loads(health)["model"] == identity and identity["name"] == "digits"
+    assert identity["files"] == ["dit.onnx", "drafter.onnx"] and len(identity["sha256"]) == 64
+    assert reply["settings"]["model"] == "digits" and reply["settings"]["model_sha256"] == identity["sha256"]
+
+
+def test_errors_the_application_answers_are_json(server):
+    with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
+        for method, path, code in (("GET", "/nowhere", 404), ("GET", "/generate", 405), ("DELETE", "/health", 405)):
+            r = client.request(method, path)
+            assert r.status_code == code and r.json() == {"error": r.json()["error"], "status": code}, r.text
+
+
+def test_bearer_token_guards_generate_only(server):
+    token = "s3cret-token-for-the-test"
+    config = serving.ServeConfig(threads=1, cpus_per_replica=0.25, token_sha256=serving.token_digest(token))
+    serve.run(serving.build_app(config), name="auth", route_prefix="/auth")
+    body = {"class_labels": [5], "steps": STEPS, "seed": 9}
+    try:
+        with httpx.Client(base_url=f"{server}/auth", timeout=TIMEOUT) as client:
+            for headers in ({}, {"authorization": "Bearer wrong-token-xxxxxxxx"}, {"authorization": token}):
+                r = client.post("/generate", json=body, headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+                assert "bearer token" in r.json()["error"]
+            r = client.post("/generate", json=body, headers={"authorization": f"Bearer {token}"})
+            assert r.status_code == 200 and len(r.json()["images"]) == 1
+            health = client.get("/health").json()
+            assert health["auth"] == "bearer" and token not in json.dumps(health)
+    finally:
+        serve.delete("auth")
+
+
+def test_200_concurrent_requests_report(server):
+    """200 requests at once against a replica that holds 32 and queues 64: every answer is 200 or 503,
+    the 200s are complete, the seedless ones all distinct, the 503s are Ray's overload refusals (plain
+    text, documented) or the application's JSON; no other 5xx unless a replica death is reported."""
+    before = httpx.get(f"{server}/health", timeout=TIMEOUT).json()["replica"]
+    bodies = [{"class_labels": [(i + k) % 10 for k in range(1 + i % 3)], "steps": 5,  # the load, not the images
+               **({"seed": 5000 + i} if i % 2 else {})} for i in range(200)]
+    t0 = time.perf_counter()
+    replies = asyncio.run(post_all(server, bodies, timeout=httpx.Timeout(600.0)))
+    elapsed = time.perf_counter() - t0
+    after = httpx.get(f"{server}/health", timeout=TIMEOUT).json()["replica"]
+    counts = {"200": 0, "503": 0, "other": 0}
+    for status, _, _ in replies:
+        counts[str(status) if status in (200, 503) else "other"] += 1
+    death = before != after
+    print(f"200 concurrent requests in {elapsed:.1f} s: {counts}; replica death: {'yes' if death else 'none'}")
+    ray_texts = [b for s, b, _ in replies if s == 503 and not isinstance(b, dict)]
+    assert all("backpressure" in b.lower() or "queue" in b.lower() for b in ray_texts), ray_texts[:2]
+    assert all(b["error"] for s, b, _ in replies if s == 503 and isinstance(b, dict))
+    if not death:
+        assert counts["other"] == 0, [(s, b) for s, b, _ in replies if s not in (200, 503)][:3]
+    assert counts["200"] >= 32 and counts["503"] >= 1, counts  # the replica's room, and overload refused
+    ok = [(sent, b) for sent, (s, b, _) in zip(bodies, replies) if s == 200]
+    assert all(len(b["images"]) == len(sent["class_labels"]) for sent, b in ok)
+    seedless = [b for sent, b in ok if "seed" not in sent]
+    assert len({b["seed"] for b in seedless}) == len(seedless)
+    assert len({"".join(b["images"]) for b in seedless}) == len(seedless)
+
+
+def _listening_sockets(pids: set[int]) -> list[str]:
+    """host:port of every listening TCP socket held by ``pids`` (from /proc: no psutil needed)."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue
+    found = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A = LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            if v6:  # four little-endian 32-bit words
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                host = socket.inet_ntop(socket.AF_INET6, raw)
+            else:
+                host = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            found.append(f"{host}:{int(port, 16)}")
+    return found
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def test_freedit_serve_binds_every_ray_port_to_loopback(tmp_path):
+    """`freedit serve` on 127.0.0.1: the proxy and all of Ray's own ports (GCS, raylet, object manager,
+    workers, dashboard agent) listen on loopback only. Stopped with SIGTERM (drain, then exit 0)."""
+    import signal
+    import subprocess
+    import sys
+
+    import selectors
+
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # set by this module's own server: `freedit serve` must set it
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "freedit", "serve", "--port", str(port), "--threads", "1",
+                             "--cpus-per-replica", "0.25"], stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                            start_new_session=True)
+    try:
+        with selectors.DefaultSelector() as sel:  # "serving freedit at http://127.0.0.1:PORT/ ..." once up
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            ready = sel.select(timeout=300)
+        line = proc.stdout.readline() if ready else ""
+        assert line.startswith("serving freedit at http://127.0.0.1:"), (line, (tmp_path / "serve.log").read_text()[-2000:])
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=TIMEOUT).status_code == 200
+        sockets = _listening_sockets(_descendants(proc.pid))
+        assert f"127.0.0.1:{port}" in sockets and len(sockets) >= 5, sockets  # the proxy and Ray's own
+        outside = [s for s in sockets if not (s.startswith("127.") or s.startswith("::ffff:127.") or
+                                              s.startswith("::1:"))]
+        assert not outside, f"listening beyond loopback: {outside} (all: {sockets})"
+        print(f"freedit serve listens on {len(sockets)} sockets, all loopback: {sorted(sockets)}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(180) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        log.close()

@@ -57,7 +57,8 @@ class TorchBackend(Backend):
         cfg = dit.config
         self._info = {"dit": ModelInfo(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
                                        hidden_size=cfg.hidden_size, num_classes=cfg.num_classes,
-                                       learn_sigma=cfg.learn_sigma, cfg_mode=cfg.cfg_mode)}
+                                       learn_sigma=cfg.learn_sigma, cfg_mode=cfg.cfg_mode,
+                                       fixed_variance=cfg.fixed_variance)}
         self._info["drafter"] = self._info["dit"]
         if vae is not None:
             from freedit.export.vae import VaeDecoderGraph, decoder_metadata
