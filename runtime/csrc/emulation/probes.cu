@@ -7,6 +7,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <chrono>
+#include <thread>
+
 #include "freedit_emulation.h"
 
 #define PROBE extern "C" FREEDIT_EMU_API int
@@ -72,11 +76,22 @@ __global__ void warp_sum_kernel(const long long* in, long long* out) {
 
 // Each block counts its own threads in shared memory and keeps its index there while yielding
 // often: a shared variable visible to other blocks running at the same time would be overwritten.
-__global__ void shared_per_block_kernel(int yields, int* out) {
+// Blocks started so far in the current shared_per_block launch (host code: the probes build only for the host).
+std::atomic<unsigned long long> g_blocks_started{0};
+
+// Each block counts its threads in __shared__ and records whether it saw another block's value.
+// Thread 0 of every block first waits (at most 2 s) until `meet` blocks have started, so that
+// blocks really run at the same time on different host threads, however busy the machine is:
+// without the rendezvous, one host thread could run every block before the others wake, and a
+// shim that shares __shared__ between blocks would go unnoticed.
+__global__ void shared_per_block_kernel(int yields, unsigned long long meet, int* out) {
   __shared__ int count;
   __shared__ unsigned long long owner;
   const unsigned t = linear_thread();
   if (t == 0) {
+    g_blocks_started.fetch_add(1);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (g_blocks_started.load() < meet && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
     count = 0;
     owner = linear_block();
   }
@@ -220,7 +235,9 @@ PROBE probe_warp_sum(unsigned grid, unsigned block, const long long* in, long lo
 }
 
 PROBE probe_shared_per_block(unsigned grid, unsigned block, int yields, int* out) {
-  FREEDIT_LAUNCH(shared_per_block_kernel, grid, block, 0, 0)(yields, out);
+  g_blocks_started.store(0);
+  const unsigned long long meet = grid < 2 ? grid : 2;  // two blocks at once suffice to see sharing
+  FREEDIT_LAUNCH(shared_per_block_kernel, grid, block, 0, 0)(yields, meet, out);
   return cudaGetLastError();
 }
 
