@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from freedit.runtime import kernels
 from freedit.runtime.schedule import Schedule
 
@@ -148,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m freedit.benchmarks.emulation_launch " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"command": command, "cpus": pool, "results": results}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    lines = ["# Launch cost of the host emulation\n", f"`{command}` ({pool} CPUs; raw output in "
-             f"`{out.name}_raw.log`). Per launch; wall clock includes waiting for the CPU on a busy machine, "
-             "CPU time is the process's (all host threads).\n",
+    lines = ["# Launch cost of the host emulation\n",
+             (f"`{command}` ({pool} CPUs; raw output in `{out.name}_raw.log`). Per launch; wall clock includes "
+              "waiting for the CPU on a busy machine, CPU time is the process's (all host threads).\n"),
              "| host threads | case | wall ms (median / min) | CPU ms (median / min) |", "| ---: | --- | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r['host_threads']} | {r['case']} | {r['wall_ms_median']:.3f} / {r['wall_ms_min']:.3f} | "

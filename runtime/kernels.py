@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -373,7 +373,7 @@ def _int32(value: int, what: str) -> int:
 class Emulation:
     """The knobs of the emulated library (``Kernels.emulation``; None on the CUDA build)."""
 
-    SCHEDULES = {"fifo": 0, "lifo": 1, "random": 2, "mixed": 3}
+    SCHEDULES: ClassVar[dict[str, int]] = {"fifo": 0, "lifo": 1, "random": 2, "mixed": 3}
 
     def __init__(self, lib: ctypes.CDLL):
         """``lib``: any library built with the shim (the kernels, or the shim's test probes)."""

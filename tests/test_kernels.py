@@ -375,6 +375,15 @@ def test_binding_refuses_bad_input_on_the_emulation(emulated_kernels):
         mem.close()
 
 
+def test_emulation_has_the_cuda_runtime_error_names_and_texts(lib, emulated_kernels):
+    """The shim's cudaGetErrorName/String are the CUDA runtime's (the real library links it)."""
+    codes = [0, 1, 2, 3, 9, 17, 21, 35, 100, 101, 400, 401, 600, 700, 701, 702, 710, 715, 719, *range(900, 909), 999,
+             12345]
+    for code in codes:
+        assert emulated_kernels.error_name(code) == lib.error_name(code), code
+        assert emulated_kernels.error_string(code) == lib.error_string(code), code
+
+
 def test_host_memory_refused_by_the_emulation(emulated_kernels):
     k, host = emulated_kernels, np.zeros((2, 4), dtype=np.float32)
     mem = kernels.LibraryMemory(k)

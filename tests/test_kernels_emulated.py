@@ -148,7 +148,7 @@ def _shuffle_model(grid, block, width, idx_mul, idx_add, up, down, xor_mask):
             for lane in range(lanes):
                 segment, offset = lane & ~(width - 1), lane & (width - 1)
 
-                def read(src, lane=lane):
+                def read(src, lane=lane, value=value, lanes=lanes):
                     return value[src] if 0 <= src < lanes else value[lane]
 
                 xor_src = lane ^ xor_mask
@@ -230,9 +230,10 @@ def test_atomics_across_concurrent_blocks(probe):
     xor = 0
     for bit in range(4):
         xor |= (int(np.sum(g % 4 == bit)) % 2) << bit
-    expected = dict(add_i=n, add_u=2 * n, add_ll=int(g.sum()), add_ull=3 * n, add_f=float(n), add_d=0.5 * n,
-                    max_i=n - 1, min_i=-(n - 1), or_u=0xFFFFFFFF, and_u=0xFFFF0000, xor_u=xor, max_ll=(n - 1) << 33,
-                    min_ll=-((n - 1) << 33), max_ull=(n - 1) << 40, cas_i=n, inc_u=n % 10, exch_i=7, sub_i=-n)
+    expected = {"add_i": n, "add_u": 2 * n, "add_ll": int(g.sum()), "add_ull": 3 * n, "add_f": float(n),
+                "add_d": 0.5 * n, "max_i": n - 1, "min_i": -(n - 1), "or_u": 0xFFFFFFFF, "and_u": 0xFFFF0000,
+                "xor_u": xor, "max_ll": (n - 1) << 33, "min_ll": -((n - 1) << 33), "max_ull": (n - 1) << 40,
+                "cas_i": n, "inc_u": n % 10, "exch_i": 7, "sub_i": -n}
     got = {name: getattr(c, name) for name, _ in _Counters._fields_}
     assert got == expected
 
