@@ -120,15 +120,20 @@ def device_memory(lib: str | None) -> str:
     emulation of the kernels (where there is one); raises RuntimeError with the reason otherwise."""
     from freedit.runtime import kernels
 
-    k = kernels.load(lib)
-    count, code = k.device_count()
-    if count > 0:
-        return "cuda"
+    try:
+        k = kernels.load(lib)
+        count, code = k.device_count()
+        if count > 0:
+            return "cuda"
+        why = f"no CUDA GPU (cudaGetDeviceCount returned {code}, {k.error_name(code)})"
+    except kernels.KernelsNotFound as exc:
+        why = str(exc).splitlines()[0]
     try:
         kernels.load(emulated=True)
     except TypeError:
-        raise RuntimeError(f"no CUDA GPU (cudaGetDeviceCount returned {code}, {k.error_name(code)}) and this "
-                           f"checkout has no host emulation of the kernels") from None
+        raise RuntimeError(f"{why}, and this checkout has no host emulation of the kernels") from None
+    except kernels.KernelsNotFound:
+        raise RuntimeError(f"{why}, and the host emulation of the kernels is not built") from None
     return "host"
 
 

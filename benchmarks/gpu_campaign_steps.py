@@ -728,11 +728,19 @@ def round_wallclock(ctx: Context) -> dict:
 
 
 def probe_rehearsal(ctx: Context) -> dict:
-    """The device round probe's own code on the numpy round (what the sanitizer steps run)."""
-    from freedit.benchmarks.device_round_probe import probe
+    """The device round probe (what the sanitizer steps run): on the numpy round, and on the host
+    emulation of the kernels against it where this checkout has one."""
+    from freedit.benchmarks.device_round_probe import device_memory, probe
 
-    report = probe(("numpy",))
-    return result("ok", "probe ran on the numpy round", **report)
+    try:
+        memory = device_memory(None)
+    except RuntimeError as exc:
+        report = probe(("numpy",))
+        return result("ok", f"probe ran on the numpy round only ({exc})", **report)
+    report = probe(("numpy", "device"), memory)
+    return result("ok" if report["passed"] else "failed",
+                  f"probe: device round ({'emulated' if memory == 'host' else 'GPU'}) vs numpy round, "
+                  f"{report['compared']} comparisons, {'all equal' if report['passed'] else 'NOT equal'}", **report)
 
 
 #: step name -> function (the campaign's table of steps is in gpu_campaign.py)
