@@ -46,10 +46,12 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stats:
         check_writable(args.stats)
     model = args.model or default_model_dir()
-    pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads)
+    pipe = Pipeline.from_directory(model, backend=args.backend, threads=args.threads, precision=args.precision,
+                                   device_id=args.device)
     result = pipe.generate(labels, sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
                            batch_size=args.batch_size, window=args.window, relax=args.relax,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, micro_batches=args.micro_batches, maths=args.maths,
+                           graphs=not args.no_graphs)
     save_png(make_grid(result.images, ncol=args.per_class if args.per_class > 1 else min(10, len(labels)),
                        scale=args.scale), out)
     if args.samples_dir:
@@ -258,6 +260,11 @@ def _float_list(text: str, what: str) -> list[float]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.host_overhead:
+        from freedit.benchmarks import host_overhead
+
+        return host_overhead.main(["--out", args.out if args.out != "bench_results" else
+                                   "benchmarks/results/host_overhead"])
     from freedit.benchmarks.bench_report import write
     from freedit.benchmarks.harness import BenchConfig, run_bench
 
@@ -386,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="onnxruntime", help="onnxruntime, onnxruntime-cuda, torch, torch-compiled, "
                    "torch-cuda, torch-cuda-compiled or tensorrt (plans from `freedit build`)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads of ONNX Runtime or torch (default: up to 8)")
+    g.add_argument("--maths", default="auto", choices=["auto", "numpy", "device"],
+                   help="where the round's sampling maths runs: device (the CUDA kernels, features kept on the GPU; "
+                        "without a GPU their host emulation), numpy (the host), auto (device for GPU backends)")
+    g.add_argument("--no-graphs", action="store_true", help="device maths: plain launches, no CUDA graph replay")
+    g.add_argument("--micro-batches", type=int, default=1,
+                   help="batches in flight: one is drafted while another is verified (FREE samplers)")
+    g.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16"],
+                   help="torch backends' compute precision (ONNX Runtime and TensorRT run the graph's own)")
+    g.add_argument("--device", type=int, default=0, help="the GPU of the GPU backends")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
@@ -473,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--pilot-n", type=int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
     k.add_argument("--out", default="bench_results", help="output folder")
     k.add_argument("--name", default="bench", help="file stem of the outputs")
+    k.add_argument("--host-overhead", action="store_true",
+                   help="instead: the host's work per FREE round, numpy path vs device path, at digits and DiT-XL/2 "
+                        "shapes (benchmarks/host_overhead.py; --out default benchmarks/results/host_overhead)")
     k.add_argument("--no-progress", action="store_true", help="no progress bars")
     k.set_defaults(func=_bench)
 

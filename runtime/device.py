@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +88,9 @@ class Stream:
                 self.device.host_errors.append(exc)
 
         cb = HOST_FN(trampoline)
-        self.device.keep_alive(cb)
+        # alive until it has run: with its graph when captured, else among the most recent ones (a host
+        # function on a device lane only occurs in the emulation, which runs it before returning)
+        (self.device._capture_keep if self.capturing() else self.device._recent).append(cb)
         self.device.check(self.device.lib.freedit_rt_launch_host_func(self.handle, cb, None), "launch host func")
 
 
@@ -113,13 +116,15 @@ class Event:
 
 
 class Graph:
-    """An instantiated CUDA graph (cudaGraphExec_t)."""
+    """An instantiated CUDA graph (cudaGraphExec_t), the host callbacks its host nodes call, and
+    what one replay launches and copies (counted at capture)."""
 
-    def __init__(self, device: "Device", handle: int):
-        self.device, self.handle = device, handle
+    def __init__(self, device: "Device", handle: int, callbacks: list, work: tuple[int, int, int]):
+        self.device, self.handle, self.callbacks, self.work = device, handle, callbacks, work
 
     def launch(self, stream: Stream) -> None:
         self.device.check(self.device.lib.freedit_rt_graph_launch(self.handle, stream.handle), "graph launch")
+        self.device.replayed = tuple(a + b for a, b in zip(self.device.replayed, (1, *self.work)))
 
 
 class Device:
@@ -140,7 +145,11 @@ class Device:
         self._streams: list[Stream] = []
         self._events: list[Event] = []
         self._graphs: list[Graph] = []
-        self._callbacks: list = []
+        self._recent: deque = deque(maxlen=4096)
+        self._capture_keep: list = []
+        self._capture_start = (0, 0, 0)
+        self._captured = (0, 0, 0)
+        self.replayed = (0, 0, 0, 0)  # graph launches, and the kernel launches and bytes inside them
         self.host_errors: list[BaseException] = []
 
     # -- errors, threads --------------------------------------------------------------------------
@@ -162,9 +171,6 @@ class Device:
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         self.check(self.lib.freedit_rt_mem_get_info(ctypes.byref(free), ctypes.byref(total)), "memory info")
         return free.value, total.value
-
-    def keep_alive(self, obj) -> None:
-        self._callbacks.append(obj)
 
     def raise_host_errors(self) -> None:
         if self.host_errors:
@@ -233,26 +239,44 @@ class Device:
         return e
 
     def begin_capture(self, stream: Stream) -> None:
+        self._capture_keep = []
+        self._capture_start = self._library_counters()
         self.check(self.lib.freedit_rt_begin_capture(stream.handle), "cudaStreamBeginCapture")
 
     def end_capture(self, stream: Stream) -> Graph | None:
         """The instantiated graph, or None (with one warning) when the capture failed."""
         handle = ctypes.c_void_p(0)
         code = self.lib.freedit_rt_end_capture(stream.handle, ctypes.byref(handle))
+        work = tuple(b - a for a, b in zip(self._capture_start, self._library_counters()))
+        self._captured = tuple(a + b for a, b in zip(self._captured, work))  # recorded, not run: replays count it
         if code or not handle.value:
             warnings.warn(f"CUDA graph capture failed ({self.kernels.error_name(code)}: "
                           f"{self.kernels.error_string(code)}); running plain launches", RuntimeWarning, stacklevel=3)
             return None
-        g = Graph(self, int(handle.value))
+        g = Graph(self, int(handle.value), self._capture_keep, work)
+        self._capture_keep = []
         self._graphs.append(g)
         return g
 
+    def destroy(self, graph: Graph) -> None:
+        if graph in self._graphs:
+            self._graphs.remove(graph)
+            self.check(self.lib.freedit_rt_graph_destroy(graph.handle), "cudaGraphExecDestroy")
+
     # -- counters ---------------------------------------------------------------------------------------
-    def counters(self) -> tuple[int, int, int]:
-        """(kernel launches, host->device bytes, device->host bytes) since the library was loaded."""
+    def _library_counters(self) -> tuple[int, int, int]:
         h2d, d2h = ctypes.c_longlong(0), ctypes.c_longlong(0)
         self.lib.freedit_copy_bytes(ctypes.byref(h2d), ctypes.byref(d2h))
         return int(self.lib.freedit_launch_count()), h2d.value, d2h.value
+
+    def counters(self) -> tuple[int, int, int]:
+        """(kernel launches, host->device bytes, device->host bytes) since the library was loaded,
+        the work of graph replays included (the library counts a graph's work once, at capture)."""
+        return tuple(a - c + r for a, c, r in zip(self._library_counters(), self._captured, self.replayed[1:]))
+
+    @property
+    def graph_launches(self) -> int:
+        return self.replayed[0]
 
     def allocated_bytes(self) -> int:
         return sum(b.nbytes for b in self._buffers.values())
@@ -274,4 +298,4 @@ class Device:
         for ptr in list(self._pinned):
             self.lib.freedit_rt_host_free(ptr)
         self._graphs, self._events, self._streams, self._buffers, self._pinned = [], [], [], {}, {}
-        self._callbacks = []
+        self._recent.clear()

@@ -2,27 +2,38 @@
 
 The library (``libfreedit_kernels.so``) is searched in (a) ``$FREEDIT_KERNELS_LIB``, (b) the
 installed package's ``freedit/runtime/lib/``, (c) ``build/kernels/`` under the repository root.
+``load(emulated=True)`` loads the host emulation of the same sources instead
+(``libfreedit_kernels_emu.so``: ``$FREEDIT_KERNELS_EMU_LIB``, the package, ``build/kernels-emu/``;
+:func:`build_emulated` builds it with the host compiler): same ABI, device memory is host memory,
+every block and thread of a launch runs on host threads (docs/KERNELS.md, "Host emulation").
 Every wrapper takes device arrays: any object with ``__cuda_array_interface__`` (cupy, numba,
 torch) or a :class:`DeviceArray`, outputs included (the caller allocates; nothing here allocates
 or synchronises). Shapes, dtypes, contiguity, null pointers and (where the driver can tell) host
 pointers are refused with ``ValueError``/``TypeError`` before anything reaches CUDA; a nonzero
 CUDA return code raises :class:`CudaError` with ``cudaGetErrorString``'s text.
 
-``python -m freedit.runtime.kernels --selftest`` runs every kernel against the numpy oracle
-(runtime/noise.py, ops.py, coupling.py) on a GPU and prints a JSON summary (allocation through
-cuda-python, so it runs under compute-sanitizer without cupy or torch).
+``python -m freedit.runtime.kernels --selftest [--emulated]`` runs every kernel against the numpy
+oracle (runtime/noise.py, ops.py, coupling.py) on a GPU (or the emulation) and prints a JSON
+summary (buffers through the library's own freedit_rt_* entry points, so it runs under
+compute-sanitizer without cupy, torch or cuda-python).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
-from collections.abc import Callable
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from freedit.errors import FreeditError
 
 #: The ABI this binding speaks (FREEDIT_KERNELS_ABI_VERSION in runtime/csrc/freedit_kernels.h).
 ABI_VERSION = 3
@@ -30,12 +41,23 @@ LIB_NAME = "libfreedit_kernels.so"
 ENV_LIB = "FREEDIT_KERNELS_LIB"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
+EMU_LIB_NAME = "libfreedit_kernels_emu.so"
+EMU_PROBES_NAME = "libfreedit_emulation_probes.so"
+ENV_EMU_LIB = "FREEDIT_KERNELS_EMU_LIB"
+
 BUILD_HELP = (
     "to build it, run from the repository root\n"
     "    cmake -S . -B build/kernels -DCMAKE_BUILD_TYPE=Release\n"
     "    cmake --build build/kernels -j2\n"
     "(add -DCMAKE_CUDA_ARCHITECTURES=90 or similar for one GPU only), or reinstall with nvcc and cmake on PATH "
     "(`pip install .` builds it into freedit/runtime/lib/), or point FREEDIT_KERNELS_LIB at the .so"
+)
+
+EMU_BUILD_HELP = (
+    "to build the host emulation (g++ and cmake, no CUDA), run from the repository root\n"
+    "    cmake -S . -B build/kernels-emu -DFREEDIT_KERNELS_EMULATION=ON\n"
+    "    cmake --build build/kernels-emu -j2\n"
+    "(or call freedit.runtime.kernels.build_emulated(folder)), or point FREEDIT_KERNELS_EMU_LIB at the .so"
 )
 
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -51,6 +73,10 @@ _INT_MAX = 2**31 - 1
 
 class KernelsNotFound(FileNotFoundError):
     """libfreedit_kernels.so is not built or not where it is searched."""
+
+
+class KernelsMismatch(FreeditError, RuntimeError):
+    """A library of another ABI version, or without this binding's entry points (a stale build)."""
 
 
 class CudaError(RuntimeError):
@@ -151,30 +177,89 @@ def _device_array(obj: Any, name: str, reinterpret: str | None = None) -> Device
 
 
 # ---- finding and loading the library ------------------------------------------------------------
-def library_candidates() -> list[Path]:
-    """Where the library is looked for, in order."""
+def _flavour(emulated: bool) -> tuple[str, str, str, str]:
+    """(library name, environment variable, build folder, build help) of the CUDA or emulated build."""
+    if emulated:
+        return EMU_LIB_NAME, ENV_EMU_LIB, "kernels-emu", EMU_BUILD_HELP
+    return LIB_NAME, ENV_LIB, "kernels", BUILD_HELP
+
+
+def library_candidates(emulated: bool = False) -> list[Path]:
+    """Where the library (or its host emulation) is looked for, in order."""
+    name, env_var, folder, _ = _flavour(emulated)
     found = []
-    env = os.environ.get(ENV_LIB)
+    env = os.environ.get(env_var)
     if env:
         found.append(Path(env))
-    found.append(Path(__file__).resolve().parent / "lib" / LIB_NAME)
-    found.append(_REPO_ROOT / "build" / "kernels" / LIB_NAME)
+    found.append(Path(__file__).resolve().parent / "lib" / name)
+    found.append(_REPO_ROOT / "build" / folder / name)
     return found
 
 
-def find_library() -> Path:
-    env = os.environ.get(ENV_LIB)
+def find_library(emulated: bool = False) -> Path:
+    name, env_var, _, build_help = _flavour(emulated)
+    env = os.environ.get(env_var)
     if env:
         path = Path(env)
         if not path.is_file():
-            raise KernelsNotFound(f"{ENV_LIB}={env} is not a file; unset it or {BUILD_HELP}")
+            raise KernelsNotFound(f"{env_var}={env} is not a file; unset it or {build_help}")
         return path
-    for path in library_candidates():
+    for path in library_candidates(emulated):
         if path.is_file():
             return path
-    searched = "\n".join(f"    {p}" for p in library_candidates())
-    raise KernelsNotFound(f"the freedit CUDA kernels library ({LIB_NAME}) is not built; searched\n{searched}\n"
-                          f"{BUILD_HELP}")
+    searched = "\n".join(f"    {p}" for p in library_candidates(emulated))
+    what = "host emulation of the kernels library" if emulated else "CUDA kernels library"
+    raise KernelsNotFound(f"the freedit {what} ({name}) is not built; searched\n{searched}\n{build_help}")
+
+
+def load_probes(path: str | os.PathLike) -> ctypes.CDLL:
+    """The emulation's probe library (tests and the launch-cost benchmark), with ``.emulation``."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in PROBE_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.emulation = Emulation(lib)
+    return lib
+
+
+@dataclass(frozen=True)
+class EmulatedBuild:
+    """What :func:`build_emulated` made: the library, the shim's test probes, the build log."""
+
+    library: Path
+    probes: Path
+    log: str
+    seconds: float
+
+
+def build_emulated(build_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
+                   jobs: int | None = None, targets: tuple[str, ...] = ()) -> EmulatedBuild:
+    """Configure and build the host emulation (runtime/csrc compiled by the host compiler against
+    the CUDA-runtime shim) in ``build_dir``. ``source_dir`` replaces runtime/csrc (a modified
+    copy); ``targets`` limits the build (e.g. ``("freedit_kernels_emu",)``). Needs a source
+    checkout, cmake and a C++20 compiler; raises KernelsNotFound or RuntimeError (with the log's
+    end) otherwise."""
+    cmake = shutil.which("cmake")
+    if not (_REPO_ROOT / "CMakeLists.txt").is_file():
+        raise KernelsNotFound(f"building the emulation needs the source checkout (no CMakeLists.txt in {_REPO_ROOT})")
+    if not cmake:
+        raise KernelsNotFound(f"cmake is not on PATH; {EMU_BUILD_HELP}")
+    build_dir = Path(build_dir)
+    configure = [cmake, "-S", str(_REPO_ROOT), "-B", str(build_dir), "-DFREEDIT_KERNELS_EMULATION=ON",
+                 "-DCMAKE_BUILD_TYPE=Release"]
+    if source_dir is not None:
+        configure.append(f"-DFREEDIT_KERNELS_SOURCE_DIR={Path(source_dir).resolve()}")
+    build = [cmake, "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 1)]
+    if targets:
+        build += ["--target", *targets]
+    start, log = time.perf_counter(), []
+    for command in (configure, build):
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        log.append(result.stdout + result.stderr)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{''.join(log)[-4000:]}")
+    return EmulatedBuild(build_dir / EMU_LIB_NAME, build_dir / EMU_PROBES_NAME, "".join(log),
+                         time.perf_counter() - start)
 
 
 _P, _I, _U, _D, _F, _ULL = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_double, ctypes.c_float, \
@@ -228,6 +313,31 @@ _RUNTIME_SIGNATURES = {
     "freedit_rt_graph_launch": [_P, _P],
     "freedit_rt_graph_destroy": [_P],
 }
+#: The extra entry points of the emulated build (runtime/csrc/emulation/include/freedit_emulation.h).
+_EMULATION_SIGNATURES = {
+    "freedit_emulation_set_null_launch": ([_I], _I),
+    "freedit_emulation_set_schedule": ([_I, _ULL], _I),
+    "freedit_emulation_set_threads": ([_I], _I),
+    "freedit_emulation_counters": ([_PLL, _PLL, _PLL], None),
+    "freedit_emulation_last_error": ([_I], _I),
+    "freedit_emulation_last_error_detail": ([], ctypes.c_char_p),
+}
+#: The shim's test kernels (runtime/csrc/emulation/probes.cu): each launches once, returns cudaGetLastError().
+_SZ_T = ctypes.c_size_t
+PROBE_SIGNATURES = {
+    "probe_empty": [_U, _U, _P],
+    "probe_configured": [_P, _P, _SZ_T, _P],
+    "probe_neighbours": [_U, _U, _I, _I, _P],
+    "probe_shuffles": [_U, _U, _I, _I, _I, _U, _U, _I, _P],
+    "probe_warp_sum": [_U, _U, _P, _P],
+    "probe_shared_per_block": [_U, _U, _I, _P],
+    "probe_atomics": [_U, _U, _P],
+    "probe_counters_size": [],
+    "probe_indices": [_P, _P, _P],
+    "probe_convert": [_P, _I, _P, _P, _P, _P],
+    "probe_barrier_votes": [_U, _P, _I, _P],
+    "probe_stuck": [_I, _U, _P],
+}
 #: Every symbol the library exports (the C ABI).
 ENTRY_POINTS = ("freedit_kernels_abi_version", "freedit_error_string", "freedit_error_name", "freedit_device_count",
                 "freedit_pointer_memory_type", "freedit_launch_count", "freedit_copy_bytes", *_SIGNATURES,
@@ -259,23 +369,84 @@ def _int32(value: int, what: str) -> int:
     return int(value)
 
 
+class Emulation:
+    """The knobs of the emulated library (``Kernels.emulation``; None on the CUDA build)."""
+
+    SCHEDULES = {"fifo": 0, "lifo": 1, "random": 2, "mixed": 3}
+
+    def __init__(self, lib: ctypes.CDLL):
+        """``lib``: any library built with the shim (the kernels, or the shim's test probes)."""
+        self.lib = lib
+        for name, (argtypes, restype) in _EMULATION_SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
+
+    def set_null_launch(self, on: bool) -> bool:
+        """Launches validated, counted, captured and replayed, but no kernel body runs (host-overhead
+        benchmarks). Returns the previous setting."""
+        return bool(self.lib.freedit_emulation_set_null_launch(int(bool(on))))
+
+    @contextlib.contextmanager
+    def null_launches(self) -> Iterator[None]:
+        previous = self.set_null_launch(True)
+        try:
+            yield
+        finally:
+            self.set_null_launch(previous)
+
+    def set_schedule(self, policy: str, seed: int = 0x5EED5EED) -> None:
+        """The order in which a block's runnable CUDA threads are resumed: 'fifo' (threads run behind
+        each other), 'lifo' (a thread runs ahead), 'random' (seeded, at every switch; slower) or
+        'mixed' (the default: each block FIFO or LIFO at random). A race between threads of a block
+        shows up only in some orders."""
+        if policy not in self.SCHEDULES:
+            raise ValueError(f"unknown schedule {policy!r}; choose one of {', '.join(self.SCHEDULES)}")
+        code = self.lib.freedit_emulation_set_schedule(self.SCHEDULES[policy], int(seed) & 0xFFFFFFFFFFFFFFFF)
+        if code:
+            raise RuntimeError(f"freedit_emulation_set_schedule returned {code}")
+
+    def set_threads(self, threads: int) -> None:
+        """Host threads that run blocks, the launching one included (0: the CPU count or $FREEDIT_EMU_THREADS)."""
+        if not 0 <= int(threads) <= 1024:
+            raise ValueError(f"threads must be in 0..1024, got {threads}")
+        self.lib.freedit_emulation_set_threads(int(threads))
+
+    def counters(self) -> dict[str, int]:
+        """Work executed since load (null launches excluded, graph replays included)."""
+        grids, blocks, threads = ctypes.c_longlong(), ctypes.c_longlong(), ctypes.c_longlong()
+        self.lib.freedit_emulation_counters(ctypes.byref(grids), ctypes.byref(blocks), ctypes.byref(threads))
+        return {"grids": grids.value, "blocks": blocks.value, "threads": threads.value}
+
+    def last_error(self, reset: bool = True) -> int:
+        """cudaGetLastError (or, reset=False, cudaPeekAtLastError) of the calling host thread."""
+        return int(self.lib.freedit_emulation_last_error(int(bool(reset))))
+
+    def last_error_detail(self) -> str:
+        """Why this host thread's last failed launch failed (a barrier that can never complete, __trap)."""
+        return (self.lib.freedit_emulation_last_error_detail() or b"").decode()
+
+
 class Kernels:
     """The loaded library; one method per kernel (see docs/KERNELS.md for the semantics)."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path is not None else find_library()
+    def __init__(self, path: str | os.PathLike | None = None, *, emulated: bool = False):
+        self.path = Path(path) if path is not None else find_library(emulated)
+        build_help = _flavour(emulated or self.path.name == EMU_LIB_NAME)[3]
         try:
             self.lib = ctypes.CDLL(str(self.path))
         except OSError as err:
-            raise KernelsNotFound(f"cannot load {self.path}: {err}; {BUILD_HELP}") from err
+            raise KernelsNotFound(f"cannot load {self.path}: {err}; {build_help}") from err
+        #: True for the host emulation (libfreedit_kernels_emu.so): device memory is host memory.
+        self.emulated = hasattr(self.lib, "freedit_emulation_set_null_launch")
+        build_help = _flavour(self.emulated)[3]
         missing = [name for name in ENTRY_POINTS if not hasattr(self.lib, name)]
         if missing:
-            raise RuntimeError(f"{self.path} lacks {', '.join(missing)}: an old or foreign build; {BUILD_HELP}")
+            raise KernelsMismatch(f"{self.path} lacks {', '.join(missing)}: an old or foreign build; {build_help}")
         self.lib.freedit_kernels_abi_version.restype = ctypes.c_int
         self.abi_version = int(self.lib.freedit_kernels_abi_version())
         if self.abi_version != ABI_VERSION:
-            raise RuntimeError(f"{self.path} has kernels ABI version {self.abi_version}, this binding needs "
-                               f"{ABI_VERSION} (a stale build); {BUILD_HELP}")
+            raise KernelsMismatch(f"{self.path} has kernels ABI version {self.abi_version}, this binding needs "
+                               f"{ABI_VERSION} (a stale build); {build_help}")
         for name in ("freedit_error_string", "freedit_error_name"):
             getattr(self.lib, name).restype = ctypes.c_char_p
             getattr(self.lib, name).argtypes = [ctypes.c_int]
@@ -286,6 +457,7 @@ class Kernels:
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
         self.lib.freedit_launch_count.argtypes, self.lib.freedit_launch_count.restype = [], ctypes.c_longlong
         self.lib.freedit_copy_bytes.argtypes, self.lib.freedit_copy_bytes.restype = [_PLL, _PLL], None
+        self.emulation = Emulation(self.lib) if self.emulated else None
         self._pointer_queries = True  # off once the driver says it cannot answer (no GPU)
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -633,56 +805,55 @@ class Kernels:
 _LOADED: dict[str, Kernels] = {}
 
 
-def load(path: str | os.PathLike | None = None) -> Kernels:
-    """The library at ``path`` or the first one found (cached per path)."""
-    resolved = str(Path(path).resolve() if path is not None else find_library().resolve())
+def load(path: str | os.PathLike | None = None, *, emulated: bool = False) -> Kernels:
+    """The library at ``path`` or the first one found (its host emulation if ``emulated``); cached per path."""
+    resolved = str(Path(path).resolve() if path is not None else find_library(emulated).resolve())
     if resolved not in _LOADED:
-        _LOADED[resolved] = Kernels(resolved)
+        _LOADED[resolved] = Kernels(resolved, emulated=emulated)
     return _LOADED[resolved]
 
 
 # ---- GPU checks against the numpy oracle (tests/test_kernels.py and --selftest) -----------------
-class CudaPythonMemory:
-    """Device buffers through cuda-python (no cupy, no torch): the self-test's allocator.
+class LibraryMemory:
+    """Device buffers through the library's own freedit_rt_* entry points, so the checks below run on
+    the CUDA library and on its host emulation alike (no cupy, torch or cuda-python).
 
-    upload/empty/download as the checks below need them; everything is freed by close()."""
+    empty/upload/download as the checks need them (copies on the legacy stream, synchronised);
+    everything is freed by close()."""
 
-    def __init__(self):
-        from cuda.bindings import runtime as rt
+    def __init__(self, k: Kernels):
+        self.k, self._ptrs = k, []
 
-        self.rt, self._ptrs = rt, []
+    def _call(self, entry: str, *args) -> None:
+        self.k._check(entry, getattr(self.k.lib, entry)(*args))
 
-    def _ok(self, result, what: str):
-        err = result[0] if isinstance(result, tuple) else result
-        if int(err) != 0:
-            raise RuntimeError(f"{what}: {err}")
-        return result[1] if isinstance(result, tuple) and len(result) > 1 else None
+    def _copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        self._call("freedit_rt_memcpy_async", dst, src, nbytes, kind, None)
+        self._call("freedit_rt_stream_synchronize", None)
 
     def empty(self, shape, dtype: str) -> DeviceArray:
         dtype = _dtype_name(dtype)
-        nbytes = max(1, math.prod(shape) * _ITEMSIZE[dtype])
-        ptr = int(self._ok(self.rt.cudaMalloc(nbytes), "cudaMalloc"))
-        self._ptrs.append(ptr)
-        return DeviceArray(ptr, tuple(shape), dtype)
+        ptr = ctypes.c_void_p()
+        self._call("freedit_rt_malloc", ctypes.byref(ptr), max(1, math.prod(shape) * _ITEMSIZE[dtype]))
+        self._ptrs.append(ptr.value)
+        return DeviceArray(ptr.value, tuple(shape), dtype)
 
     def upload(self, host: np.ndarray, dtype: str | None = None) -> DeviceArray:
         host = np.ascontiguousarray(host)
         arr = self.empty(host.shape, dtype or host.dtype.name)
         if host.nbytes:
-            self._ok(self.rt.cudaMemcpy(arr.ptr, host.ctypes.data, host.nbytes,
-                                        self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy H2D")
+            self._copy(arr.ptr, host.ctypes.data, host.nbytes, 1)
         return arr
 
     def download(self, arr: DeviceArray) -> np.ndarray:
         host = np.empty(arr.shape, dtype=np.uint16 if arr.dtype == "bfloat16" else np.dtype(arr.dtype))
         if host.nbytes:
-            self._ok(self.rt.cudaMemcpy(host.ctypes.data, arr.ptr, host.nbytes,
-                                        self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy D2H")
+            self._copy(host.ctypes.data, arr.ptr, host.nbytes, 2)
         return host
 
     def close(self):
         for ptr in self._ptrs:
-            self.rt.cudaFree(ptr)
+            self.k.lib.freedit_rt_free(ptr)
         self._ptrs.clear()
 
 
@@ -968,20 +1139,36 @@ CHECKS: dict[str, Callable[[Kernels, Any, np.random.Generator], dict]] = {
 }
 
 
+def _device_name() -> str | None:
+    """GPU 0's name through cuda-python where it is installed (the library does not report it)."""
+    try:
+        from cuda.bindings import runtime as rt
+    except ImportError:
+        return None
+    err, props = rt.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        return None
+    name = props.name
+    return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\0")
+
+
 def selftest(k: Kernels | None = None, seed: int = 0, names: list[str] | None = None) -> dict:
-    """Run the oracle checks on the GPU with cuda-python buffers; a JSON-able summary."""
+    """Run the oracle checks on the GPU (or the host emulation) with the library's own buffers; a
+    JSON-able summary."""
     k = k or load()
     count, code = k.device_count()
-    summary: dict[str, Any] = {"library": str(k.path), "abi_version": k.abi_version, "devices": count}
+    summary: dict[str, Any] = {"library": str(k.path), "abi_version": k.abi_version, "emulated": k.emulated,
+                               "devices": count}
     if code or not count:
         summary.update(passed=False, error=f"no CUDA GPU: cudaGetDeviceCount returned {code} ({k.error_name(code)})")
         return summary
-    mem = CudaPythonMemory()
+    mem = LibraryMemory(k)
     try:
-        props = mem._ok(mem.rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
-        name = props.name
-        summary["device"] = (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\0")
-        summary["compute_capability"] = f"{props.major}.{props.minor}"
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        k._check("freedit_rt_compute_capability",
+                 k.lib.freedit_rt_compute_capability(0, ctypes.byref(major), ctypes.byref(minor)))
+        summary["device"] = "host emulation" if k.emulated else _device_name()
+        summary["compute_capability"] = f"{major.value}.{minor.value}"
         checks = {}
         for name in names or list(CHECKS):
             try:
@@ -1005,9 +1192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="append", choices=list(CHECKS), help="only these checks (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lib", help=f"library path (default: ${ENV_LIB}, the package, build/kernels)")
+    parser.add_argument("--emulated", action="store_true",
+                        help=f"the host emulation ({EMU_LIB_NAME}: ${ENV_EMU_LIB}, the package, build/kernels-emu)")
     args = parser.parse_args(argv)
     try:
-        k = load(args.lib)
+        k = load(args.lib, emulated=args.emulated)
     except (KernelsNotFound, RuntimeError) as err:
         print(json.dumps({"passed": False, "error": str(err)}, indent=2))
         return 2

@@ -324,7 +324,7 @@ class _CountedBound:
     time to enqueue; the lanes' busy times come from the timeline)."""
 
     def __init__(self, bound, counter: _CallCounter):
-        self.bound, self.counter, self.capturable = bound, counter, bound.capturable
+        self.bound, self.counter = bound, counter
 
     def run(self, rows: int) -> None:
         t0 = time.perf_counter()

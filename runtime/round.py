@@ -29,14 +29,15 @@ import numpy as np
 
 from freedit.errors import CapacityError, ModelOutputError
 from freedit.runtime.contract import ModelInfo
-from freedit.runtime.ops import guided_channels
 from freedit.runtime.schedule import Schedule
 
 #: Residual proposals: the attempt number goes in the high bits of the noise purpose.
 ATTEMPT_SHIFT = 8
-#: Report row of a slot: new step, accepted drafts, residual proposals, flags.
-REPORT_COLUMNS = 4
+#: Report row of a slot: new step, accepted drafts, residual proposals, flags, and 2^30 minus the
+#: first window position whose target output was not finite (0: none).
+REPORT_COLUMNS = 5
 FLAG_CAP_HIT, FLAG_NONFINITE = 1, 2
+NONFINITE_BASE = 1 << 30
 DRAFTERS = ("free", "frozen", None)
 
 
@@ -403,7 +404,7 @@ class RoundRunner:
         flags = rep[:, 3]
         if (flags & FLAG_NONFINITE).any():
             j = int(np.flatnonzero(flags & FLAG_NONFINITE)[0])
-            step = int(start[j])
+            step = int(start[j]) - (NONFINITE_BASE - int(rep[j, 4]))
             raise ModelOutputError(f"the DiT returned non-finite values (NaN or infinity) at respaced step {step} "
                                    f"(timestep {int(self.settings.schedule.timesteps[step])}) for sample "
                                    f"{int(mb.sample[live[j]])}; generation stopped (check the model file and its "

@@ -13,17 +13,16 @@ import warnings
 
 import numpy as np
 
-from freedit.runtime import noise
 from freedit.runtime.device import D2H, H2D, Device, DeviceBuffer
-from freedit.runtime.kernels import VARIANCE_CODES, CudaError
+from freedit.runtime.kernels import VARIANCE_CODES, CudaError, KernelsMismatch
 from freedit.runtime.ops import guided_channels
-from freedit.runtime.round import ATTEMPT_SHIFT, RoundMaths, RoundSettings, RoundSpec, Workspace, layout
+from freedit.runtime.round import RoundMaths, RoundSettings, RoundSpec, Workspace, layout
 from freedit.runtime.streams import DeviceLane
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 #: runtime/csrc/freedit_kernels.h ``freedit_round``, field for field.
-_POINTERS = ("window_table", "table", "timesteps", "ddim_table", "x", "step", "has_parent", "sample", "label",
+_POINTERS = ("window_table", "table", "timesteps", "ddim_table", "relax_table", "x", "step", "has_parent", "sample", "label",
              "parent_feat", "parent_eps", "window_of", "first_row", "row_slot", "row_pos", "row_step", "draft_src",
              "draft_prev", "slot_rank", "v_x", "v_t", "v_y", "v_eps", "v_feat", "d_feat", "d_x", "d_t", "d_tfeat",
              "d_y", "d_feat_out", "d_eps", "mean_p", "log_var_p", "mean_q", "log_var_q", "eps_q", "log_r", "uniform",
@@ -62,7 +61,8 @@ class DeviceRoundMaths(RoundMaths):
         lib = device.lib
         missing = [name for name in _ENTRIES if not hasattr(lib, name)]
         if missing:
-            raise RuntimeError(f"{device.kernels.path} lacks the round's entry points ({', '.join(missing)}): rebuild it")
+            raise KernelsMismatch(f"{device.kernels.path} lacks the round's entry points ({', '.join(missing)}): "
+                                  f"a stale build; rebuild it")
         for name, argtypes in _ENTRIES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, _I
@@ -117,6 +117,7 @@ class DeviceRoundMaths(RoundMaths):
             "table": sched.transition_table().astype(np.float32),
             "timesteps": np.append(sched.timesteps, sched.timesteps[-1]).astype(np.float32),
             "ddim_table": np.stack([np.sqrt(abar_prev), np.sqrt(1.0 - abar_prev)], axis=1).astype(np.float32),
+            "relax_table": np.stack([sched.posterior_log_variance_clipped, sched.log_betas], axis=1),
         }
         if settings.window_schedule is not None:
             tables["window_table"] = np.asarray(settings.window_schedule, dtype=np.int32)
@@ -128,14 +129,13 @@ class DeviceRoundMaths(RoundMaths):
                 buf = ws.tables[name] = self.device.alloc(host.shape, host.dtype)
             self.device.upload(host, buf)
         d = ws.descriptor
-        for name in ("table", "timesteps", "ddim_table"):
+        for name in ("table", "timesteps", "ddim_table", "relax_table"):
             setattr(d, name, ws.tables[name].ptr)
         d.window_table = ws.tables["window_table"].ptr if settings.window_schedule is not None else None
         d.num_steps, d.window, d.ddim = n, int(settings.window), int(settings.ddim)
         d.cfg_scale, d.relax, d.seed = float(settings.cfg_scale), float(settings.relax), int(settings.seed)
         ws.settings = settings
-        ws.graphs.clear()  # captured graphs hold the old scalars
-        ws.seen.clear()
+        self._drop_graphs(ws)  # captured graphs hold the old scalars
 
     def reserve_results(self, ws: Workspace, n: int) -> None:
         if ws.results_buffer is None or ws.results_buffer.shape[0] < n:
@@ -143,8 +143,14 @@ class DeviceRoundMaths(RoundMaths):
                 self.device.free(ws.results_buffer)
             ws.results_buffer = self.device.alloc((n, *ws.spec.state_shape), np.float32)
             ws.descriptor.results, ws.descriptor.results_rows = ws.results_buffer.ptr, n
-            ws.graphs.clear()
-            ws.seen.clear()
+            self._drop_graphs(ws)  # they wrote to the old buffer
+
+    def _drop_graphs(self, ws: Workspace) -> None:
+        for graph in ws.graphs.values():
+            if graph is not None:
+                self.device.destroy(graph)
+        ws.graphs.clear()
+        ws.seen.clear()
 
     def lanes(self, overlap: bool, timing: bool) -> tuple:
         return DeviceLane(self.device, "draft", timing), DeviceLane(self.device, "verify", timing)
@@ -230,7 +236,3 @@ class DeviceRoundMaths(RoundMaths):
         graph.launch(lane.stream)
         return True
 
-
-def residual_keys() -> tuple[int, int, int]:
-    """The residual's noise purposes and attempt shift, as round.cu hard-codes them."""
-    return int(noise.Purpose.RESIDUAL), int(noise.Purpose.RESIDUAL_ACCEPT), ATTEMPT_SHIFT

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from freedit.runtime import coupling, noise, ops
-from freedit.runtime.round import (ATTEMPT_SHIFT, FLAG_CAP_HIT, FLAG_NONFINITE, RoundMaths, RoundSettings, RoundSpec,
+from freedit.runtime.round import (ATTEMPT_SHIFT, FLAG_CAP_HIT, FLAG_NONFINITE, NONFINITE_BASE, RoundMaths, RoundSettings, RoundSpec,
                                    Workspace, layout)
 from freedit.runtime.streams import HostLane, InlineLane
 
@@ -89,7 +89,7 @@ class NumpyRoundMaths(RoundMaths):
             ws["draft_src"][k - 1, :len(idx)] = first[idx] + k - 1
             ws["draft_prev"][k - 1, :len(idx)] = rank[idx] if k >= 2 else -1
             rank[idx] = np.arange(len(idx))
-        ws["report"][:S, 3] = 0
+        ws["report"][:S, 3:] = 0
         ws["report"][S, 0] = R
 
     def stage(self, ws, rows, lane) -> None:
@@ -113,7 +113,8 @@ class NumpyRoundMaths(RoundMaths):
             ws["d_t"][rows] = sched.timesteps[st]
             ws["d_y"][rows] = label
             if "d_tfeat" in ws.buffers:
-                ws["d_tfeat"][rows] = sched.timesteps[st + 1]  # the features given are those of step st + 1
+                # the features given are those of step st + 1 (the last step repeated past the end, as on device)
+                ws["d_tfeat"][rows] = np.append(sched.timesteps, sched.timesteps[-1])[st + 1]
             ws["d_feat"][rows] = ws["parent_feat"][slots, g] if k == 1 else ws["d_feat_out"][g * n_prev + prev]
 
     def draft_step(self, ws, k, n, rows, frozen, lane) -> None:
@@ -133,7 +134,9 @@ class NumpyRoundMaths(RoundMaths):
         G = spec.rows_per_state
         raw = ws["v_eps"][:G * rows]
         bad = ~np.isfinite(raw.reshape(G, rows, -1)).all(axis=2).all(axis=0)
-        ws["report"][ws["row_slot"][:rows][bad], 3] |= FLAG_NONFINITE
+        bad_slots = ws["row_slot"][:rows][bad]
+        ws["report"][bad_slots, 3] |= FLAG_NONFINITE
+        np.maximum.at(ws["report"][:, 4], bad_slots, NONFINITE_BASE - ws["row_pos"][:rows][bad])
         eps_v = self._guided(ws, raw, rows)
         ws["eps_q"][:rows] = eps_v.reshape(rows, -1)
         mean, log_var = ops.transition(s.schedule, ws["v_x"][:rows], eps_v, ws["row_step"][:rows], spec.fixed_variance)

@@ -76,3 +76,24 @@ def tiny_free_dir(tmp_path_factory, tiny_dit, tiny_model_dir):
     shutil.copy(tiny_model_dir / "pipeline.json", folder / "pipeline.json")
     assert export_drafter(_random_drafter(tiny_dit, 1), folder / "drafter.onnx").passed
     return folder
+
+
+@pytest.fixture(scope="session")
+def emulated_build(tmp_path_factory):
+    """The host emulation of the kernels library (runtime/csrc/emulation), built once per session
+    from the current sources with the host compiler (no nvcc, no GPU)."""
+    import shutil
+
+    from freedit.runtime import kernels
+
+    missing = [tool for tool in ("cmake", "c++") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"cannot build the kernels' host emulation: {' and '.join(missing)} not on PATH")
+    return kernels.build_emulated(tmp_path_factory.mktemp("kernels_emu"))
+
+
+@pytest.fixture(scope="session")
+def emulated_kernels(emulated_build):
+    from freedit.runtime import kernels
+
+    return kernels.load(emulated_build.library, emulated=True)

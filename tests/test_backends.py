@@ -126,3 +126,63 @@ def test_gpu_backend_matches_cpu(bundled_dir, ort_pipe, backend):
         want, got = ort_pipe.backend.run(engine, inputs), pipe.backend.run(engine, inputs)
         for name in want:
             np.testing.assert_allclose(got[name], want[name], atol=1e-3 * max(1, np.abs(want[name]).max()))
+
+
+def test_bound_session_makes_one_binding_per_row_count(bundled_dir):
+    """The round binds its buffers once; ONNX Runtime keeps one I/O binding per row count over them
+    (no per-call binding or output allocation) and writes into the bound memory."""
+    backend = OnnxRuntimeBackend({"dit": bundled_dir / "dit.onnx"}, threads=1)
+    info = backend.info("dit")
+    big = _random_inputs(info, 8, seed=5)
+    outputs = {"eps_v": np.zeros((8, info.out_channels, info.input_size, info.input_size), np.float32),
+               "feat": np.zeros((8, info.num_tokens, info.hidden_size), np.float32)}
+    bound = backend.bind("dit", big, outputs, lane=None)
+    for rows in (3, 5, 3, 8, 5):
+        outputs["eps_v"][:] = np.nan
+        bound.run(rows)
+        want = backend.run("dit", {k: v[:rows] for k, v in big.items()})
+        for name in want:
+            np.testing.assert_array_equal(outputs[name][:rows], want[name])
+        assert np.isnan(outputs["eps_v"][rows:]).all()  # rows past the call are untouched
+    assert sorted(bound.bindings) == [3, 5, 8]
+
+
+def test_torch_precision_is_selectable_and_stated(bundled_dir, torch_pipe):
+    bf16 = Pipeline.from_directory(bundled_dir, backend="torch", threads=2, precision="bf16")
+    assert bf16.backend.name == "torch-cpu-bf16" and bf16.backend.precision == "bf16"
+    inputs = _random_inputs(bf16.info, 4, seed=1)
+    want, got = torch_pipe.backend.run("dit", inputs), bf16.backend.run("dit", inputs)
+    err = np.abs(got["eps_v"] - want["eps_v"]).max() / np.abs(want["eps_v"]).max()
+    assert 1e-5 < err < 5e-2, err  # bf16 matrix multiplies: close to fp32, not equal
+    result = bf16.generate([1, 2], sampler="sequential", steps=10, seed=0)
+    assert result.settings["precision"] == "bf16"
+    assert torch_pipe.generate([1], sampler="sequential", steps=5).settings["precision"] == "fp32"
+    with pytest.raises(ValueError, match="chooses the torch backends' precision"):
+        Pipeline.from_directory(bundled_dir, precision="bf16")
+    with pytest.raises(ValueError, match="unknown torch precision"):
+        Pipeline.from_directory(bundled_dir, backend="torch", precision="fp8")
+
+
+def test_tensorrt_context_calls_are_checked():
+    """set_input_shape's result is checked (a plan cannot execute without a GPU here: the context is a
+    stand-in answering as TensorRT does for a shape outside the profile)."""
+    from freedit.runtime.backends import tensorrt as trt_backend
+
+    class Context:
+        def __init__(self):
+            self.calls = []
+
+        def set_input_shape(self, name, shape):
+            self.calls.append((name, shape))
+            return shape[0] <= 4
+
+    class TRT:
+        @staticmethod
+        def describe():
+            return "TensorRT-RTX (stand-in)"
+
+    engine = object.__new__(trt_backend._Engine)
+    engine.context, engine.trt, engine.profile = Context(), TRT(), 0
+    engine.set_shapes({"x": (4, 1, 16, 16)})
+    with pytest.raises(RuntimeError, match=r"input 'x' cannot take shape \(5, 1, 16, 16\)"):
+        engine.set_shapes({"x": (5, 1, 16, 16)})

@@ -1,11 +1,11 @@
 """The CUDA kernels library (runtime/csrc, runtime/kernels.py, docs/KERNELS.md).
 
 Without a GPU (CI): build for SM 80/86/89/90/120, exported C ABI, SASS per architecture, ABI
-version, the binding's refusals of bad input, the library's host references (its own Philox and
-residual code on the CPU) against the numpy oracle, and the GPU checks run on a numpy emulation of
-the C entry points (argument order, the checks' own code). With a GPU (marked ``gpu``): every kernel
-against the numpy oracle (runtime/noise.py, ops.py, coupling.py), cupy buffers, and the
-``--selftest`` entry point.
+version, the binding's refusals of bad input (also on the host emulation, with real emulated device
+memory), the library's host references (its own Philox and residual code on the CPU) against the
+numpy oracle. The kernels themselves run in CI on the host emulation of the same sources
+(tests/test_kernels_emulated.py). With a GPU (marked ``gpu``): every kernel against the numpy
+oracle (runtime/noise.py, ops.py, coupling.py), cupy buffers, and the ``--selftest`` entry point.
 """
 from __future__ import annotations
 
@@ -150,12 +150,28 @@ def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
     with pytest.raises(kernels.KernelsNotFound, match="nope.so is not a file"):
         kernels.load()
     monkeypatch.delenv(kernels.ENV_LIB)
-    monkeypatch.setattr(kernels, "library_candidates", lambda: [tmp_path / "a" / kernels.LIB_NAME])
+    monkeypatch.setattr(kernels, "library_candidates", lambda emulated=False: [tmp_path / "a" / kernels.LIB_NAME])
     with pytest.raises(kernels.KernelsNotFound) as info:
         kernels.find_library()
     message = str(info.value)
     assert "cmake -S . -B build/kernels -DCMAKE_BUILD_TYPE=Release" in message
     assert "cmake --build build/kernels -j2" in message and str(tmp_path / "a") in message
+
+
+def test_missing_emulation_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setenv(kernels.ENV_EMU_LIB, str(tmp_path / "nope_emu.so"))
+    with pytest.raises(kernels.KernelsNotFound, match=r"FREEDIT_KERNELS_EMU_LIB=.*nope_emu.so is not a file"):
+        kernels.load(emulated=True)
+    monkeypatch.delenv(kernels.ENV_EMU_LIB)
+    candidates = kernels.library_candidates(emulated=True)
+    assert candidates[-1] == REPO / "build" / "kernels-emu" / kernels.EMU_LIB_NAME
+    monkeypatch.setattr(kernels, "library_candidates", lambda emulated=False: [tmp_path / "b" / kernels.EMU_LIB_NAME])
+    with pytest.raises(kernels.KernelsNotFound) as info:
+        kernels.find_library(emulated=True)
+    message = str(info.value)
+    assert "host emulation" in message and str(tmp_path / "b") in message
+    assert "cmake -S . -B build/kernels-emu -DFREEDIT_KERNELS_EMULATION=ON" in message
+    assert "cmake --build build/kernels-emu -j2" in message
 
 
 # ---- the library's host references against the numpy oracle (no GPU needed) ---------------------
@@ -209,7 +225,7 @@ def dev(lib):
     """dev(shape, dtype): a device array; real device memory where there is a GPU, else a fake pointer
     (nothing is ever launched on those: every case below is refused first)."""
     if HAVE_GPU:
-        mem = kernels.CudaPythonMemory()
+        mem = kernels.LibraryMemory(lib)
         yield mem.empty
         mem.close()
     else:
@@ -346,6 +362,37 @@ def test_binding_refuses_bad_input_before_cuda(dev, lib):
             call()
 
 
+def test_binding_refuses_bad_input_on_the_emulation(emulated_kernels):
+    """The same refusals with real (emulated) device memory, where the pointer query answers."""
+    mem = kernels.LibraryMemory(emulated_kernels)
+    try:
+        before = emulated_kernels.lib.freedit_launch_count()
+        for case_id, call, exception, pattern in _refusals(mem.empty, emulated_kernels):
+            with pytest.raises(exception, match=pattern):
+                call()
+        assert emulated_kernels.lib.freedit_launch_count() == before, "a refused call reached a kernel"
+    finally:
+        mem.close()
+
+
+def test_host_memory_refused_by_the_emulation(emulated_kernels):
+    k, host = emulated_kernels, np.zeros((2, 4), dtype=np.float32)
+    mem = kernels.LibraryMemory(k)
+    pinned = ctypes.c_void_p()
+    assert k.lib.freedit_rt_host_alloc(ctypes.byref(pinned), host.nbytes) == 0
+    try:
+        keys = [mem.empty((2,), "uint32") for _ in range(3)]
+        with pytest.raises(ValueError, match=r"out: pointer 0x[0-9a-f]+ is unregistered host memory, not device"):
+            k.philox_normal(1, *keys, DeviceArray(host.ctypes.data, host.shape, "float32"))
+        with pytest.raises(ValueError, match=r"out: pointer 0x[0-9a-f]+ is pinned host memory, not device"):
+            k.philox_normal(1, *keys, DeviceArray(pinned.value, host.shape, "float32"))
+        out = k.philox_normal(1, *keys, mem.empty((2, 4), "float32"))  # device memory: accepted
+        assert np.isfinite(mem.download(out)).all()
+    finally:
+        k.lib.freedit_rt_host_free(pinned)
+        mem.close()
+
+
 def test_valid_call_without_a_gpu_raises_the_cuda_error_text(lib):
     if HAVE_GPU:
         pytest.skip("a GPU is present: the fake pointers below would be refused as host memory instead")
@@ -427,145 +474,10 @@ def test_selftest_entry_point(built_library):
 @pytest.mark.skipif(not HAVE_GPU, reason=NO_GPU_REASON or "a GPU is present")
 def test_host_memory_refused_on_a_gpu(lib):
     host = np.zeros((2, 4), dtype=np.float32)
-    mem = kernels.CudaPythonMemory()
+    mem = kernels.LibraryMemory(lib)
     try:
         keys = [mem.empty((2,), "uint32") for _ in range(3)]
         with pytest.raises(ValueError, match=r"out: pointer 0x[0-9a-f]+ is unregistered host memory, not device"):
             lib.philox_normal(1, *keys, DeviceArray(host.ctypes.data, host.shape, "float32"))
     finally:
         mem.close()
-
-
-# ---- the GPU checks themselves, run in CI on a host emulation of the C ABI ----------------------
-class _HostMemory:
-    """'Device' arrays in host memory (accepted without a driver: the pointer query cannot tell)."""
-
-    def __init__(self):
-        self.arrays = {}
-
-    def _keep(self, arr, dtype=None):
-        self.arrays[arr.ctypes.data] = arr
-        return DeviceArray(arr.ctypes.data, arr.shape, dtype or arr.dtype.name)
-
-    def empty(self, shape, dtype):
-        host_dtype = np.uint16 if dtype == "bfloat16" else dtype
-        return self._keep(np.full(shape, 123, dtype=host_dtype), dtype)
-
-    def upload(self, host, dtype=None):
-        return self._keep(np.array(host, copy=True, order="C"), dtype)
-
-    def download(self, arr):
-        return self.arrays[arr.ptr].copy()
-
-
-def _view(ptr, count, dtype):
-    return np.frombuffer((ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(ptr), dtype=dtype)
-
-
-class _EmulatedABI:
-    """The C entry points with the header's signatures, in numpy (the noise and residual through the
-    library's own host references): checks the binding's argument passing and the check functions."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def freedit_transition(self, x, eps_v, eps_dtype, steps, table, num_steps, rows, channels, pixels, variance,
-                           mean, log_var, stream):
-        n = channels * pixels
-        width = 2 * n if variance == 1 else n
-        raw = _view(eps_v, rows * width, [np.float32, np.float16, np.uint16][eps_dtype])
-        eps_v = kernels.from_bfloat16_bits(raw) if eps_dtype == 2 else raw.astype(np.float32)
-        eps_v, xs = eps_v.reshape(rows, width), _view(x, rows * n, np.float32).reshape(rows, n)
-        st, tab = _view(steps, rows, np.int32), _view(table, num_steps * 6, np.float32).reshape(num_steps, 6)
-        out_m, out_lv = _view(mean, rows * n, np.float32).reshape(rows, n), _view(log_var, rows * n, np.float32)
-        out_lv = out_lv.reshape(rows, n)
-        for r in range(rows):
-            if not 0 <= st[r] < num_steps:
-                out_m[r] = out_lv[r] = np.nan
-                continue
-            a, b, c1, c2, lo, hi = tab[st[r]]
-            out_m[r] = (c1 * a + c2) * xs[r] - (c1 * b) * eps_v[r, :n]
-            if variance == 1:
-                frac = np.float32(0.5) * (eps_v[r, n:] + np.float32(1))
-                out_lv[r] = frac * hi + (np.float32(1) - frac) * lo
-            else:
-                out_lv[r] = lo if variance == 0 or st[r] == 0 else hi
-        return 0
-
-    def freedit_cfg_combine(self, eps_v, eps_dtype, rows, channels, out_channels, pixels, scale, mode, out, stream):
-        n = out_channels * pixels
-        raw = _view(eps_v, 2 * rows * n, [np.float32, np.float16, np.uint16][eps_dtype])
-        vals = (kernels.from_bfloat16_bits(raw) if eps_dtype == 2 else raw.astype(np.float32)).reshape(2 * rows, n)
-        g = (channels if mode == 1 else min(3, channels)) * pixels
-        res = vals[:rows].copy()
-        res[:, :g] = vals[rows:, :g] + np.float32(scale) * (vals[:rows, :g] - vals[rows:, :g])
-        _view(out, rows * n, np.float32)[:] = res.reshape(-1)
-        return 0
-
-    def _philox(self, kind, seed, sample, step, purpose, rows, count, out, stream):
-        return self.real.freedit_philox_host(seed, sample, step, purpose, rows, count, kind, out)
-
-    def freedit_philox_bits(self, *args):
-        return self._philox(0, *args)
-
-    def freedit_philox_uniform(self, *args):
-        return self._philox(1, *args)
-
-    def freedit_philox_normal(self, *args):
-        return self._philox(2, *args)
-
-    def freedit_ddpm_step(self, mean, log_var, steps, noise, rows, per_row, out, stream):
-        m, lv = _view(mean, rows * per_row, np.float32), _view(log_var, rows * per_row, np.float32)
-        z, st = _view(noise, rows * per_row, np.float32), np.repeat(_view(steps, rows, np.int32), per_row)
-        _view(out, rows * per_row, np.float32)[:] = np.where(st == 0, m, m + np.exp(np.float32(0.5) * lv) * z)
-        return 0
-
-    def freedit_log_ratio(self, x, mp, lvp, mq, lvq, rows, per_row, out, stream):
-        a = [_view(p, rows * per_row, np.float32).reshape(rows, per_row) for p in (x, mp, lvp, mq, lvq)]
-        _view(out, rows, np.float64)[:] = coupling.log_ratio(*a)
-        return 0
-
-    def freedit_accept_window(self, log_r, uniform, gamma, rows, windows, samples, accepted, reject_row, stream):
-        w = _view(windows, samples, np.int32)
-        acc, rej = _view(accepted, samples, np.int32), _view(reject_row, samples, np.int32) if reject_row else None
-        if (w < 0).any() or w.sum() != rows:
-            acc[:] = -1
-            if rej is not None:
-                rej[:] = -1
-            return 0
-        lr = _view(log_r, rows, np.float64) if rows else np.zeros(0)
-        u = _view(uniform, rows, np.float64) if rows else np.zeros(0)
-        g = _view(gamma, rows, np.float64) if gamma else None
-        ref_acc, ref_rej = kernels._accept_oracle(lr, u, g, w)
-        acc[:] = ref_acc
-        if rej is not None:
-            rej[:] = ref_rej
-        return 0
-
-    def freedit_reflect(self, x, mp, mq, lv, in_rows, per_row, index, out_rows, out, stream):
-        a = [_view(p, in_rows * per_row, np.float32).reshape(in_rows, per_row) for p in (x, mp, mq, lv)]
-        idx = _view(index, out_rows, np.int32) if index else np.arange(out_rows)
-        dst = _view(out, out_rows * per_row, np.float32).reshape(out_rows, per_row)
-        for i, r in enumerate(idx):
-            if r >= 0:
-                dst[i] = coupling.reflect(*[v[r:r + 1] for v in a])[0]
-        return 0
-
-    def freedit_residual(self, *args):
-        return self.real.freedit_residual_host(*args[:-1])
-
-
-def test_gpu_checks_run_on_a_host_emulation_of_the_abi(lib):
-    """The GPU checks (and the binding's argument order) exercised without a GPU: every C entry
-    point emulated from the header, Philox and residual by the library's host references."""
-    if HAVE_GPU:
-        pytest.skip("a GPU is present: the real kernels are checked by test_kernel_matches_numpy_oracle")
-    emulated = kernels.Kernels(lib.path)
-    emulated.lib = _EmulatedABI(lib.lib)
-    results = {name: check(emulated, _HostMemory(), np.random.default_rng([7, i]))
-               for i, (name, check) in enumerate(kernels.CHECKS.items())}
-    failed = {name: r for name, r in results.items() if not r["passed"]}
-    assert not failed, json.dumps(failed, indent=1, default=str)

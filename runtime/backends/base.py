@@ -18,9 +18,8 @@ from freedit.runtime.contract import CONTRACTS, ModelInfo
 
 
 class BoundEngine:
-    """An engine bound to buffers by name. ``capturable``: its run may be captured in a CUDA graph."""
-
-    capturable = False
+    """An engine bound to buffers by name. An engine that cannot be captured into a CUDA graph
+    raises round_device.CaptureUnsupported when its stream is capturing (the phase then runs plainly)."""
 
     def run(self, rows: int) -> None:
         raise NotImplementedError
@@ -41,7 +40,6 @@ class HostBoundEngine(BoundEngine):
         self.backend, self.engine, self.lane = backend, engine, lane
         self.inputs = {n: host_array(b) for n, b in inputs.items()}
         self.outputs = {n: host_array(b) for n, b in outputs.items()}
-        self.capturable = getattr(lane, "stream", None) is not None
 
     def _call(self, rows: int) -> None:
         out = self.backend.run(self.engine, {n: a[:rows] for n, a in self.inputs.items()})

@@ -110,9 +110,6 @@ class _BoundSession(BoundEngine):
         self.options = backend._ort.RunOptions()
         if self.device_type == "cuda":  # ordered by the stream, not by a host wait
             self.options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        # host memory on a device lane is the kernels' emulation: the call is a host function in
-        # stream order there, which graphs capture as a host node
-        self.capturable = self.device_type == "cpu" and stream is not None
 
     def _binding(self, rows: int):
         binding = self.bindings.get(rows)
@@ -131,8 +128,8 @@ class _BoundSession(BoundEngine):
     def run(self, rows: int) -> None:
         if self.stream is None:
             self._call(rows)
-        elif self.device_type == "cpu":
-            self.stream.launch_host_func(lambda: self._call(rows))
+        elif self.device_type == "cpu":  # host memory on a device lane: the kernels' host emulation,
+            self.stream.launch_host_func(lambda: self._call(rows))  # in stream order, captured as a host node
         else:
             if self.stream.capturing():
                 from freedit.runtime.round_device import CaptureUnsupported

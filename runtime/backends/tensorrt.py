@@ -205,8 +205,6 @@ class TensorRTBackend(Backend):
 class _BoundPlan(BoundEngine):
     """A plan's context on the workspace's device buffers, enqueued on the lane's stream."""
 
-    capturable = True
-
     def __init__(self, engine: _Engine, inputs: dict, outputs: dict, lane):
         stream = getattr(lane, "stream", None)
         if stream is None:

@@ -140,9 +140,9 @@ FREEDIT_API int freedit_residual(const float* mean_p, const float* log_var_p, co
 //   drafter I/O  d_feat [G*n,...], d_x, d_t, d_tfeat (NULL if the drafter has no t_feat), d_y,
 //                d_feat_out, d_eps
 //   maths        mean_p/log_var_p/mean_q/log_var_q [R,E], eps_q [R,O], log_r/uniform/gamma [R] f64
-//   report       [S+1, 4] i32: per slot (new step, accepted, residual proposals, flags), then the
-//                round's status row (rows planned, 0, 0, 0). Flags: 1 residual cap hit, 2 non-finite
-//                target output.
+//   report       [S+1, 5] i32: per slot (new step, accepted, residual proposals, flags, 2^30 - the
+//                first window position whose target output was not finite, or 0), then the round's
+//                status row (rows planned, 0, ...). Flags: 1 residual cap hit, 2 non-finite output.
 //   results      [results_rows, E]: a sample's final state lands in row sample[s] when it finishes.
 // Verify rows are sample-major: slot s owns rows first_row[s] .. first_row[s] + window_of[s], row
 // first_row[s] + k holding x~_k (x~_0 = the committed state). Row r's q is the target transition
@@ -160,6 +160,7 @@ typedef struct freedit_round {
   const float* table;       // [num_steps, 6] Schedule.transition_table()
   const float* timesteps;   // [num_steps + 1] original timestep (float) per respaced step
   const float* ddim_table;  // [num_steps, 2] sqrt(abar_prev), sqrt(1 - abar_prev) (DDIM only)
+  const double* relax_table;  // [num_steps, 2] log beta_tilde, log beta in double (relax's score)
   float* x;
   int* step;
   int* has_parent;

@@ -15,7 +15,8 @@ constexpr uint32_t kInit = 1, kStep = 2, kDraft = 3, kAccept = 4, kResidual = 5,
 constexpr int kAttemptShift = 8;
 constexpr int kMaxResidualAttempts = 1 << 20;  // coupling.MAX_RESIDUAL_ATTEMPTS
 constexpr int kPlanThreads = 1024;
-constexpr int kReport = 4;  // ints per report row
+constexpr int kReport = 5;  // ints per report row
+constexpr int kNonfiniteBase = 1 << 30;  // report column 4: kNonfiniteBase - the first bad position
 
 __device__ inline size_t row_offset(int row, int elems) { return static_cast<size_t>(row) * elems; }
 
@@ -97,7 +98,7 @@ __global__ void plan_kernel(freedit_round r) {
       const int first = carry + before;
       r.window_of[s] = w;
       r.first_row[s] = w >= 0 ? first : -1;
-      r.report[s * kReport + 3] = 0;
+      r.report[s * kReport + 3] = r.report[s * kReport + 4] = 0;
       for (int pos = 0; pos <= w; ++pos) {
         r.row_slot[first + pos] = s;
         r.row_pos[first + pos] = pos;
@@ -225,7 +226,11 @@ __global__ void verify_kernel(freedit_round r, int R) {
       finite = finite && isfinite(null_row[e]) && (!learned || isfinite(null_row[E + e]));
       if (e < guided_elems) eps = cfg_element(eps, null_row[e], r.cfg_scale);
     }
-    if (!finite) atomicOr(&r.report[r.row_slot[row] * kReport + 3], FREEDIT_ROUND_FLAG_NONFINITE);
+    if (!finite) {
+      int* rep = r.report + r.row_slot[row] * kReport;
+      atomicOr(rep + 3, FREEDIT_ROUND_FLAG_NONFINITE);
+      atomicMax(rep + 4, kNonfiniteBase - r.row_pos[row]);  // the first (noisiest) position that broke
+    }
     r.eps_q[row_offset(row, O) + e] = eps;
     if (learned) r.eps_q[row_offset(row, O) + E + e] = v;
     transition_element(r.table, r.row_step[row], r.variance, r.v_x[idx], eps, v, &r.mean_q[idx], &r.log_var_q[idx]);
@@ -246,8 +251,7 @@ __global__ void decide_kernel(freedit_round r, int R) {
   acc = block_sum(acc, scratch);
   double gamma = 1.0;
   if (r.relax > 0.0f) {  // speculative.uncertainty: where the DiT puts its variance in the schedule's range
-    const float* coef = r.table + static_cast<size_t>(st) * kTableColumns;
-    const double lo = coef[kMinLog], hi = coef[kMaxLog];
+    const double lo = r.relax_table[2 * st], hi = r.relax_table[2 * st + 1];
     const double span = hi - lo > 1e-12 ? hi - lo : 1.0;
     double frac = 0.0;
     for (int e = threadIdx.x; e < E; e += blockDim.x) frac += (static_cast<double>(lvq[e]) - lo) / span;
@@ -356,7 +360,8 @@ bool valid(const freedit_round* r) {
          r->has_parent && r->sample && r->label && r->parent_feat && r->parent_eps && r->window_of && r->first_row &&
          r->row_slot && r->row_pos && r->row_step && r->table && r->timesteps && r->v_x && r->v_t && r->v_y &&
          r->v_eps && r->v_feat && r->mean_q && r->log_var_q && r->eps_q && r->report &&
-         r->guided_channels >= 0 && r->guided_channels <= r->channels && (!r->ddim || r->ddim_table);
+         r->guided_channels >= 0 && r->guided_channels <= r->channels && (!r->ddim || r->ddim_table) &&
+         (r->relax <= 0.0f || r->relax_table);
 }
 bool has_drafts(const freedit_round* r) {
   return r->draft_src && r->draft_prev && r->slot_rank && r->mean_p && r->log_var_p && r->log_r && r->uniform &&
