@@ -410,7 +410,7 @@ def rehearse(names: list[str], work: Path) -> int:
         print(f"-- rehearsing {name}", flush=True)
         t0 = time.perf_counter()
         out = _call(REHEARSALS[name], ctx)
-        done[name] = {"status": "error" if out["status"] == "error" else "ok",
+        done[name] = {"status": {"error": "error", "skipped": "none"}.get(out["status"], "ok"),
                       "seconds": round(time.perf_counter() - t0, 2), "step_status": out["status"],
                       "reason": out["reason"]}
         _write_json(work / "rehearsal.json", done)

@@ -259,13 +259,30 @@ def kernels_build(ctx: Context) -> dict:
                         + (f"spills in {', '.join(spills)}" if spills else "no spills"), **figures)
 
 
+def emulation_library() -> str | None:
+    """The host emulation of the kernels (runtime/csrc/emulation) where one is built: the rehearsals
+    run the GPU steps' device code on it."""
+    from freedit.runtime import kernels
+
+    try:
+        return str(kernels.load(emulated=True).path)
+    except (TypeError, kernels.KernelsNotFound, RuntimeError):  # no emulation in this checkout, or not built
+        return None
+
+
+NO_EMULATION = "the host emulation of the kernels is not built (kernels.build_emulated, $FREEDIT_KERNELS_EMU_LIB)"
+
+
 def _selftest_argv(ctx: Context) -> list[str]:
+    lib = ["--emulated", "--lib", emulation_library()] if ctx.rehearsal else ["--lib", ctx.kernels_lib]
     return [sys.executable, "-m", "freedit.runtime.kernels", "--selftest", "--seed", str(ctx.options["check_seed"]),
-            "--lib", ctx.kernels_lib]
+            *lib]
 
 
 def kernels_checks(ctx: Context) -> dict:
     """Every kernel against the numpy oracle on fresh random inputs (the seed is drawn per campaign)."""
+    if ctx.rehearsal and emulation_library() is None:
+        return result("skipped", NO_EMULATION)
     rc, out = run_streamed(_selftest_argv(ctx))
     summary = json_block(out)
     if summary is None:
@@ -375,6 +392,12 @@ def _open_digits(ctx: Context, backend: str, model_dir: Path | None = None, prec
                                    threads=ctx.pick(None, 1))  # a rehearsal shares a small CPU
 
 
+def _device_maths(ctx: Context) -> dict:
+    """The round's maths on the device: the GPU's kernels, or in a rehearsal their host emulation
+    where it is built (else the numpy round)."""
+    return {"maths": "device"} if not ctx.rehearsal or emulation_library() else {"maths": "numpy"}
+
+
 def digits_timing(ctx: Context, backend: str, graphs: bool, model_dir: Path | None = None) -> dict:
     """Sequential vs lossless FREE (L = 4, 8) vs relax at batch 1 and 8: wall-clock medians over
     interleaved repeats, serial DiT calls, acceptance; decisions checked against the CPU path."""
@@ -384,7 +407,7 @@ def digits_timing(ctx: Context, backend: str, graphs: bool, model_dir: Path | No
     images = ctx.pick(IMAGES, {1: 1, 8: 2})
     t0 = time.perf_counter()
     pipe = _open_digits(ctx, backend, model_dir, precision)
-    gen = {} if ctx.rehearsal else {"graphs": graphs}
+    gen = {"graphs": graphs, **_device_maths(ctx)}
     pipe.generate(list(LABELS[:2]), steps=10, batch_size=2, sampler="free", window=8, **gen)  # warm-up
     pipe.generate(list(LABELS[:2]), steps=10, batch_size=2, sampler="sequential", **gen)
     warmup = time.perf_counter() - t0
@@ -471,7 +494,7 @@ def two_sample_gpu(ctx: Context) -> dict:
     backend = ctx.pick("torch-cuda", "torch")
     n, steps, perms = ctx.pick(1000, 40), ctx.pick("50", "6"), ctx.pick(300, 20)
     pipe = _open_digits(ctx, backend, precision="fp32")
-    gen = {} if ctx.rehearsal else {"graphs": False}
+    gen = {"graphs": False, **_device_maths(ctx)}
     seq = sample_features(pipe, "sequential", steps, n, seed=11, progress=False, **gen)
     free = sample_features(pipe, "free", steps, n, seed=22, window=8, progress=False, **gen)
     biased = sample_features(pipe, "free-relax", steps, n, seed=33, window=8, relax=1e6, progress=False, **gen)
@@ -688,11 +711,12 @@ def round_wallclock(ctx: Context) -> dict:
     shapes, batches = ctx.pick(("4x32x32", "4x64x64"), ("digits",)), ctx.pick((1, 8), (1,))
     window = ctx.pick(8, 2)
     k = device = None
-    if not ctx.rehearsal:
+    lib = emulation_library() if ctx.rehearsal else ctx.kernels_lib
+    if lib is not None:
         from freedit.runtime import kernels
         from freedit.runtime.device import Device
 
-        k = kernels.load(ctx.kernels_lib)
+        k = kernels.load(lib, emulated=ctx.rehearsal)
         device = Device(k)
     rows = []
     try:
@@ -721,7 +745,7 @@ def round_wallclock(ctx: Context) -> dict:
         if device is not None:
             device.close()
     if device is None:
-        return result("ok", "numpy path only (no GPU)", rows=rows)
+        return result("ok", f"numpy path only: {NO_EMULATION}", rows=rows)
     text = "; ".join(f"{r['shape']} B={r['batch']}: {r['host_path_ms']:.1f} ms host path vs "
                      f"{min(r['device_ms'], r['device_graph_ms']):.2f} ms device" for r in rows)
     return result("ok", text, rows=rows)
@@ -729,7 +753,7 @@ def round_wallclock(ctx: Context) -> dict:
 
 def probe_rehearsal(ctx: Context) -> dict:
     """The device round probe (what the sanitizer steps run): on the numpy round, and on the host
-    emulation of the kernels against it where this checkout has one."""
+    emulation of the kernels against it where it is built."""
     from freedit.benchmarks.device_round_probe import device_memory, probe
 
     try:
@@ -763,6 +787,7 @@ FUNCTIONS = {
 }
 #: What the dry run rehearses on the CPU for each GPU step (steps not listed have no CPU rehearsal).
 REHEARSALS = {
+    "kernels_checks": kernels_checks,
     "digits_torch_cuda": digits_torch_cuda,
     "xl_cost_curves": xl_cost_curves,
     "round_wallclock": round_wallclock,
@@ -772,7 +797,6 @@ REHEARSALS = {
 #: Why the other GPU steps have no rehearsal of their own.
 NOT_REHEARSED = {
     "kernels_build": "compiles for the GPU's own architecture (the CMake build is tested in tests/test_kernels.py)",
-    "kernels_checks": "runs the kernels on the GPU",
     "sanitizer_memcheck_selftest": "needs compute-sanitizer and a GPU",
     "sanitizer_racecheck_selftest": "needs compute-sanitizer and a GPU",
     "sanitizer_racecheck_round": "runs the probe, rehearsed under sanitizer_memcheck_round",

@@ -23,12 +23,23 @@ GPU_STEPS = [s.name for s in gc.STEPS if s.gpu]
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def emulation(request):
+    """The kernels' host emulation where it builds here: the rehearsals then run the device code."""
+    try:
+        return request.getfixturevalue("emulated_build").library
+    except pytest.skip.Exception:
+        return None
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, emulation):
     """The dry run as docs/GPU.md runs the campaign: through benchmarks/gpu_campaign.sh."""
     out = tmp_path_factory.mktemp("campaign") / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    if emulation is not None:
+        env["FREEDIT_KERNELS_EMU_LIB"] = str(emulation)
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_campaign.sh"), "--out", str(out), "--dry-run",
-                           "--steps", "6"], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHON=sys.executable))
+                           "--steps", "6"], capture_output=True, text=True, timeout=600, env=env)
     return proc, out
 
 
@@ -53,15 +64,23 @@ def test_dry_run_reports_every_step_with_a_status_and_a_reason(dry_run):
     assert ref["figures"]["configs"]["sequential"]["mean_target_calls"] == 6.0
 
 
-def test_dry_run_rehearses_the_gpu_steps_code(dry_run):
+def test_dry_run_rehearses_the_gpu_steps_code(dry_run, emulation):
     _, out = dry_run
     by_name = {e["name"]: e for e in json.loads((out / "campaign.json").read_text())["steps"]}
     rehearsed = {n for n in GPU_STEPS if by_name[n]["rehearsal"]["status"] == "ok"}
-    assert rehearsed == set(steps.REHEARSALS)
     assert set(steps.REHEARSALS) | set(steps.NOT_REHEARSED) == set(GPU_STEPS)
     # the digits timing code compared torch (CPU) with the CPU path's decisions, sample by sample
     digits = by_name["digits_torch_cuda"]["rehearsal"]
     assert digits["step_status"] == "ok" and "equal the CPU path's" in digits["reason"]
+    if emulation is None:
+        assert rehearsed == set(steps.REHEARSALS) - {"kernels_checks"}
+        return
+    # on the emulated kernels: the self-test step, the device round's timing, the probe's comparisons
+    assert rehearsed == set(steps.REHEARSALS)
+    assert by_name["kernels_checks"]["rehearsal"]["step_status"] == "ok", by_name["kernels_checks"]["rehearsal"]
+    assert "ms device" in by_name["round_wallclock"]["rehearsal"]["reason"]
+    probe = by_name["sanitizer_memcheck_round"]["rehearsal"]
+    assert probe["step_status"] == "ok" and "all equal" in probe["reason"], probe
     raw = (out / "raw.log").read_text()
     assert "[digits_cpu_reference] free L=8:" in raw and "-- rehearsing xl_cost_curves" in raw
     md = (out / "campaign.md").read_text()
