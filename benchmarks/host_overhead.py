@@ -176,7 +176,7 @@ def measure(path: str, shape: str, batch: int, window: int, rounds: int, warmup:
             if null_launches:
                 device.kernels.lib.freedit_emulation_set_null_launch(0)
     return {"path": path, "graphs": graphs, "shape": shape, "model": MODELS[shape], "batch": batch, "window": window,
-            "rounds": rounds, "kernels": "none" if device is None else ("null launches" if null_launches else "GPU"),
+            "rounds": rounds, "kernels": "not used" if device is None else ("null launches" if null_launches else "executed"),
             "host_ms_per_round": 1e3 * statistics.median(host), "wall_ms_per_round": 1e3 * statistics.median(wall),
             "host_ms_per_round_mean": 1e3 * statistics.fmean(host),
             "kernel_launches_per_round": statistics.fmean(launches),
