@@ -256,18 +256,18 @@ def _child(args: list[str], work: Path, env: dict, timeout: float, log, prefix: 
 
 
 class Campaign:
-    def __init__(self, options: dict, out: Path, log, clock=time.monotonic):
-        self.options, self.out, self.log, self.clock = options, out, log, clock
+    def __init__(self, options: dict, out: Path, log):
+        self.options, self.out, self.log = options, out, log
         self.work = Path(tempfile.mkdtemp(prefix="freedit-gpu-campaign-"))
         self.entries: dict[str, dict] = {}
         self.kernels_lib: str | None = None
         self.memory = GpuMemory()
         self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.t0 = clock()
+        self.t0 = time.monotonic()
 
     @property
     def elapsed(self) -> float:
-        return self.clock() - self.t0
+        return time.monotonic() - self.t0
 
     def env(self) -> dict:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
