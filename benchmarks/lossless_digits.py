@@ -37,10 +37,13 @@ def accept_every_draft():
         coupling.accept = exact
 
 
-def sample_features(pipe: Pipeline, sampler: str, steps: str, n: int, seed: int, window: int | None = None) -> dict:
+def sample_features(pipe: Pipeline, sampler: str, steps: str, n: int, seed: int, window: int | None = None,
+                    progress: bool = True, **generate) -> dict:
+    """n samples (balanced classes) and their classifier features; ``generate``: more arguments of
+    ``Pipeline.generate`` (relax, maths, graphs)."""
     t0 = time.perf_counter()
     result = pipe.generate(np.arange(n) % 10, sampler=sampler, steps=steps, seed=seed, batch_size=250, window=window,
-                           progress=True)
+                           progress=progress, **generate)
     classifier = DigitsClassifier.load()
     return {"features": classifier.features(result.samples), "predicted": classifier.predict(result.samples),
             "summary": result.summary, "seconds": time.perf_counter() - t0}

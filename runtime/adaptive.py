@@ -108,3 +108,37 @@ def fixed_window_rate(acc: np.ndarray, cost: CostCurve, window: int) -> float:
     return float(np.mean([expected_commits(acc, s, min(window, s))
                           / (min(window, s) * cost.draft_seconds + cost.verify_seconds[min(window, s)])
                           for s in range(len(acc))]))
+
+
+def expected_chain_seconds(acc: np.ndarray, windows, cost: CostCurve, round_overhead: float = 0.0) -> float:
+    """Expected wall time of one batch of chains through all ``len(acc)`` steps, when the round that
+    starts at step s drafts ``windows[s]`` steps (capped at s) and draft acceptance at step t is
+    ``acc[t]``, independently (the model ``expected_commits`` uses).
+
+    A round costs L t_draft + T_verify(L+1) + ``round_overhead``; the first round of a chain has no
+    parent and is one plain step. With E(-1) = 0 and P(k) the chance that exactly k drafts pass,
+    E(s) = cost(L_s) + sum_k P(k) E(s - k - 1), solved from s = 0 upwards.
+    """
+    n = len(acc)
+    windows = np.broadcast_to(np.asarray(windows), (n,))
+    if windows.max(initial=0) + 1 > len(cost.verify_seconds):
+        raise ValueError(f"the cost curve covers {len(cost.verify_seconds)} states per sample; "
+                         f"a window of {int(windows.max())} needs {int(windows.max()) + 1}")
+    after = np.zeros(n + 1)  # after[s + 1] = E(s): expected seconds from step s (with a parent) to the end
+    for s in range(n):
+        L = int(min(windows[s], s))
+        expect, survive = 0.0, 1.0
+        for k in range(L + 1):
+            p = survive * (1.0 - acc[s - k]) if k < L else survive
+            expect += p * after[s - k]  # E(s - k - 1)
+            if k < L:
+                survive *= acc[s - k]
+        after[s + 1] = L * cost.draft_seconds + cost.verify_seconds[L] + round_overhead + expect
+    return cost.verify_seconds[0] + round_overhead + (after[n - 1] if n > 1 else 0.0)
+
+
+def projected_speedup(acc: np.ndarray, windows, cost: CostCurve, round_overhead: float = 0.0,
+                      sequential_overhead: float = 0.0) -> float:
+    """Sequential wall time (one plain step per step) over FREE's expected wall time with ``windows``."""
+    sequential = len(acc) * (cost.verify_seconds[0] + sequential_overhead)
+    return sequential / expected_chain_seconds(acc, windows, cost, round_overhead)
