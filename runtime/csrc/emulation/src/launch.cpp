@@ -580,7 +580,10 @@ class Pool {
   void loop() {
     Worker& worker = this_worker();
     std::unique_lock<std::mutex> lock(mutex_);
-    unsigned long long seen = generation_;
+    // Generation 0 is the pool's birth, not "now": a helper that starts after the first grid was
+    // posted must still join it (reading generation_ here made the first grid of a new pool run
+    // on the launching thread alone whenever the helpers were slow to start).
+    unsigned long long seen = 0;
     for (;;) {
       work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
       if (stop_) return;
