@@ -76,7 +76,9 @@ class FeatureDrafter:
         self.model = model
 
     def __call__(self, x, steps, labels, carry_feat, carry_eps_v):
-        eps_v, feat = self.model(x, steps, labels, feat=join_rows(carry_feat))
+        # The features carried in are always those of the state one respaced step earlier (the real
+        # parent at the first position, the previous drafted position after it): step + 1.
+        eps_v, feat = self.model(x, steps, labels, feat=join_rows(carry_feat), feat_steps=steps + 1)
         return eps_v, split_rows(feat, self.model.guided)
 
 

@@ -19,6 +19,8 @@ class GuidedModel:
     def __init__(self, backend: Backend, schedule: Schedule, cfg_scale: float, engine: str = "dit"):
         self.backend, self.schedule, self.cfg_scale, self.engine = backend, schedule, float(cfg_scale), engine
         self.info = backend.info(engine)
+        # A drafter exported with the parent's timestep (contract input `t_feat`) gets it; older ones do not.
+        self.takes_parent_time = "t_feat" in backend.inputs(engine)
         self.calls = 0  # batched calls made so far
         self.rows = 0  # states evaluated so far (each is 2 rows with CFG)
         self.seconds = 0.0  # wall time inside the backend (the drafter vs verifier split)
@@ -27,18 +29,24 @@ class GuidedModel:
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
 
-    def __call__(self, x: np.ndarray, steps: np.ndarray, labels: np.ndarray,
-                 feat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """x [B,C,H,W] at respaced steps [B] (and parent features for a drafter) ->
-        (guided eps_v [B,out,H,W], features [B or 2B, T, hidden]: conditional rows first)."""
+    def __call__(self, x: np.ndarray, steps: np.ndarray, labels: np.ndarray, feat: np.ndarray | None = None,
+                 feat_steps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x [B,C,H,W] at respaced steps [B] (and, for a drafter, parent features and the respaced
+        steps they were computed at) -> (guided eps_v [B,out,H,W], features [B or 2B, T, hidden]:
+        conditional rows first)."""
         t = self.schedule.timesteps[np.asarray(steps)].astype(np.float32)
         y = np.asarray(labels, dtype=np.int64)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        rows = 2 if self.guided else 1
         if self.guided:
             x, t, y = np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([y, np.full_like(y, self.info.null_label)])
         inputs = {"x": x, "t": t, "y": y}
         if feat is not None:
             inputs["feat"] = np.ascontiguousarray(feat, dtype=np.float32)
+        if self.takes_parent_time:
+            if feat_steps is None:
+                raise ValueError(f"the {self.engine} engine takes the parent's timestep: pass feat_steps")
+            inputs["t_feat"] = np.tile(self.schedule.timesteps[np.asarray(feat_steps)].astype(np.float32), rows)
         t0 = time.perf_counter()
         out = self.backend.run(self.engine, inputs)
         self.seconds += time.perf_counter() - t0

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from freedit.runtime.contract import ModelInfo
+from freedit.runtime.contract import ModelInfo, input_names
 
 
 class Backend(ABC):
@@ -22,6 +22,11 @@ class Backend(ABC):
     @abstractmethod
     def info(self, engine: str) -> ModelInfo:
         """The model description read from the engine's metadata."""
+
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        """The inputs ``engine`` takes: its contract's, plus the optional ones it has (runtime/contract.py).
+        A backend that cannot tell takes the contract's alone."""
+        return input_names(engine, ())
 
     @abstractmethod
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

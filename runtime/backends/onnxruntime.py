@@ -14,7 +14,7 @@ import numpy as np
 
 from freedit.errors import BackendUnavailable
 from freedit.runtime.backends.base import Backend
-from freedit.runtime.contract import ContractError, ModelInfo, check_session
+from freedit.runtime.contract import ContractError, ModelInfo, check_session, input_names
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -58,6 +58,9 @@ class OnnxRuntimeBackend(Backend):
 
     def info(self, engine: str) -> ModelInfo:
         return self._info[engine]
+
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        return input_names(engine, [i.name for i in self._sessions[engine].get_inputs()])
 
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, session = self._outputs[engine], self._sessions[engine]

@@ -1,7 +1,7 @@
 """PyTorch backend (extra `torch`): the DiT and drafter as torch modules, eager or torch.compile'd.
 
 The same contracts as the ONNX graphs (runtime/contract.py): ``dit`` (x, t, y) -> (eps_v, feat),
-``drafter`` (feat, x, t, y) -> (draft_feat, eps_v). Arrays come in and go out as numpy (host);
+``drafter`` (feat, x, t, y[, t_feat]) -> (draft_feat, eps_v). Arrays come in and go out as numpy (host);
 on a CUDA device they are copied to and from it. ``compile=True`` uses torch.compile; on CUDA with
 ``mode="reduce-overhead"`` that captures CUDA graphs per input shape.
 """
@@ -38,7 +38,8 @@ class TorchBackend(Backend):
         self._run = {name: (torch.compile(m, mode=mode, dynamic=True) if compile else m)
                      for name, m in self._modules.items()}
         self._outputs = {"dit": ("eps_v", "feat"), "drafter": ("draft_feat", "eps_v")}
-        self._inputs = {"dit": ("x", "t", "y"), "drafter": ("feat", "x", "t", "y")}
+        self._inputs = {"dit": ("x", "t", "y"),
+                        "drafter": ("feat", "x", "t", "y") + (("t_feat",) if drafter is not None and drafter.config.parent_time else ())}
         cfg = dit.config
         self._info = ModelInfo(input_size=cfg.input_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
                                hidden_size=cfg.hidden_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma,
@@ -62,6 +63,9 @@ class TorchBackend(Backend):
 
     def info(self, engine: str) -> ModelInfo:
         return self._info
+
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        return self._inputs[engine]
 
     def device_memory_bytes(self) -> int | None:
         import torch

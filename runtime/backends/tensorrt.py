@@ -17,7 +17,7 @@ import numpy as np
 
 from freedit.errors import BackendUnavailable
 from freedit.runtime.backends.base import Backend
-from freedit.runtime.contract import CONFIG_METADATA_KEY, ModelInfo
+from freedit.runtime.contract import CONFIG_METADATA_KEY, ModelInfo, input_names
 
 # The contracts' I/O is fp32 / int64 in every precision (runtime/contract.py); these cover it.
 _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -165,6 +165,9 @@ class TensorRTBackend(Backend):
 
     def info(self, engine: str) -> ModelInfo:
         return self._info[engine]
+
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        return input_names(engine, self._engines[engine].inputs)
 
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._engines[engine].run(inputs)
