@@ -1,12 +1,17 @@
 """FREE's feature-level drafter (DESIGN §3.1): predicts the DiT's top-block features of a state.
 
-    h_hat(x_k) = D(h(x_{k-1}), x_k, t_k, y)
+    h_hat(x_k) = D(h(x_{k-1}), x_k, t_k, y[, t_{k-1}])
 
 The DiT's patch/position/timestep/label embedders and its final layer are reused frozen, so a
 drafted feature yields (eps, v), hence a full draft transition, exactly as the DiT would from those
 features. Trainable: a fusion Linear(2H -> H) of [h_parent, embed(x_k)] and ``depth`` adaLN-Zero
 blocks. The fusion starts as [I, 0] and the blocks as identity (adaLN-Zero), so an untrained
 drafter predicts "the parent's features" and training only improves on that.
+
+``parent_time``: the drafter also gets the parent's original timestep t_{k-1} (the ``t_feat``
+input of the ONNX contract), embedded by the frozen timestep embedder and a trainable
+SiLU-Linear (zero-initialised) added to the conditioning. With it one drafter knows how far the
+features it is given lie from the state it drafts, so it can serve every respacing.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ DRAFTER_CONFIG_KEY = "freedit_drafter_config"
 @dataclass(frozen=True)
 class DrafterConfig:
     depth: int = 1
+    # False for drafters trained before the parent's timestep became an input (they load unchanged).
+    parent_time: bool = False
+    mlp_ratio: float | None = None  # None: the DiT's
     # The target this drafter was trained for: a drafter only fits a DiT of the same shape.
     target_hidden_size: int = 0
     target_num_patches: int = 0
@@ -32,14 +40,15 @@ class DrafterConfig:
 
 
 class Drafter(nn.Module):
-    def __init__(self, target: DiT, depth: int = 1):
+    def __init__(self, target: DiT, depth: int = 1, parent_time: bool = False, mlp_ratio: float | None = None):
         super().__init__()
         cfg = target.config
         h = cfg.hidden_size
-        self.config = DrafterConfig(depth, h, cfg.num_patches, cfg.in_channels)
+        self.config = DrafterConfig(depth, parent_time, mlp_ratio, h, cfg.num_patches, cfg.in_channels)
         self.target = [target]  # a list keeps the frozen DiT out of this module's parameters
         self.fusion = nn.Linear(2 * h, h)
-        self.blocks = nn.ModuleList(DiTBlock(h, cfg.num_heads, cfg.mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(h, cfg.num_heads, mlp_ratio or cfg.mlp_ratio) for _ in range(depth))
+        self.parent_time = nn.Sequential(nn.SiLU(), nn.Linear(h, h)) if parent_time else None
         with torch.no_grad():
             self.fusion.weight.zero_()
             self.fusion.weight[:, :h].copy_(torch.eye(h))
@@ -51,18 +60,29 @@ class Drafter(nn.Module):
                         nn.init.zeros_(layer.bias)
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
                 nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if self.parent_time is not None:  # starts without effect: the drafter of a single respacing
+                nn.init.zeros_(self.parent_time[-1].weight)
+                nn.init.zeros_(self.parent_time[-1].bias)
 
     @property
     def dit(self) -> DiT:
         return self.target[0]
 
-    def forward(self, feat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        """(parent features [B,T,H], state x [B,C,H,W], t [B], y [B]) -> (features [B,T,H], eps_v)."""
-        c = self.dit.conditioning(t, y)
+    def forward(self, feat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                t_feat: torch.Tensor | None = None):
+        """(parent features [B,T,H], state x [B,C,H,W], t [B], y [B], parent timestep t_feat [B])
+        -> (features [B,T,H], eps_v). ``t_feat`` is needed exactly when the drafter has ``parent_time``."""
+        c = block_c = self.dit.conditioning(t, y)
+        if self.parent_time is not None:
+            if t_feat is None:
+                raise ValueError("this drafter was trained with the parent's timestep: pass t_feat")
+            block_c = c + self.parent_time(self.dit.t_embedder(t_feat))
+        elif t_feat is not None:
+            raise ValueError("this drafter takes no parent timestep (t_feat); it was trained without one")
         h = self.fusion(torch.cat([feat, self.dit.embed_input(x)], dim=-1))
         for block in self.blocks:
-            h = block(h, c)
-        return h, self.dit.head(h, c)
+            h = block(h, block_c)
+        return h, self.dit.head(h, c)  # the DiT's own head and conditioning: features -> (eps, v) as the DiT would
 
 
 def check_drafter_fits(config: DrafterConfig, target: DiTConfig, source: str) -> None:
@@ -104,14 +124,19 @@ def load_drafter(path: str | Path, target: DiT) -> Drafter:
     try:
         fields = json.loads(meta[DRAFTER_CONFIG_KEY])
         config = DrafterConfig(**fields)
-        if not all(isinstance(getattr(config, k), int) and not isinstance(getattr(config, k), bool)
-                   for k in DrafterConfig.__dataclass_fields__) or not 1 <= config.depth <= 64:
-            raise ValueError(f"expected integers (depth 1..64), got {fields}")
+        ints = [k for k in DrafterConfig.__dataclass_fields__ if k not in ("parent_time", "mlp_ratio")]
+        if not all(isinstance(getattr(config, k), int) and not isinstance(getattr(config, k), bool) for k in ints) \
+                or not 1 <= config.depth <= 64 or not isinstance(config.parent_time, bool) \
+                or not (config.mlp_ratio is None or (isinstance(config.mlp_ratio, (int, float))
+                                                     and not isinstance(config.mlp_ratio, bool)
+                                                     and 0 < config.mlp_ratio <= 64)):
+            raise ValueError(f"expected integers (depth 1..64), parent_time true/false, mlp_ratio in (0, 64] or "
+                             f"null, got {fields}")
     except (ValueError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: unreadable '{DRAFTER_CONFIG_KEY}' metadata ({str(exc)[:200]})") from None
     check_drafter_fits(config, target.config, str(path))
     check_tensor_types(state, path)
-    drafter = Drafter(target, depth=config.depth)
+    drafter = Drafter(target, depth=config.depth, parent_time=config.parent_time, mlp_ratio=config.mlp_ratio)
     expected = drafter.state_dict()
     wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state
                                                    and state[k].shape != expected[k].shape]

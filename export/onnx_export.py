@@ -43,14 +43,16 @@ class _DiTGraph(torch.nn.Module):
 
 
 class _DrafterGraph(torch.nn.Module):
-    """The `drafter` contract: (feat, x, t, y) -> (feat, eps_v); the frozen DiT parts are baked in."""
+    """The `drafter` contract: (feat, x, t, y[, t_feat]) -> (feat, eps_v); the frozen DiT parts are baked in.
+
+    ``t_feat`` (the parent's timestep) is an input exactly when the drafter was trained with it."""
 
     def __init__(self, drafter):
         super().__init__()
         self.drafter, self.dit = drafter, drafter.dit  # registering the DiT exports its embedders and head
 
-    def forward(self, feat, x, t, y):
-        return self.drafter(feat, x, t, y)
+    def forward(self, feat, x, t, y, t_feat=None):
+        return self.drafter(feat, x, t, y, t_feat)
 
 
 @dataclass
@@ -84,8 +86,10 @@ class ParityReport:
                 + (f"; non-finite (NaN/inf) values: {bad}" if bad else ""))
 
 
-def dit_inputs(dit: DiT, batch: int, seed: int, with_feat: bool = False) -> dict[str, torch.Tensor]:
-    """Random inputs in contract order (the null label included); ``feat`` first for the drafter."""
+def dit_inputs(dit: DiT, batch: int, seed: int, with_feat: bool = False,
+               with_parent_time: bool = False) -> dict[str, torch.Tensor]:
+    """Random inputs in contract order (the null label included); ``feat`` first for the drafter,
+    ``t_feat`` (a parent timestep above ``t``) last for a drafter that takes it."""
     cfg = dit.config
     g = torch.Generator().manual_seed(seed)
     inputs = {}
@@ -94,6 +98,8 @@ def dit_inputs(dit: DiT, batch: int, seed: int, with_feat: bool = False) -> dict
     inputs["x"] = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     inputs["t"] = torch.randint(0, 1000, (batch,), generator=g).float()
     inputs["y"] = torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
+    if with_parent_time:
+        inputs["t_feat"] = torch.minimum(inputs["t"] + torch.randint(1, 100, (batch,), generator=g), torch.tensor(999.0))
     return inputs
 
 
@@ -106,7 +112,9 @@ def drafter_spec(drafter) -> GraphSpec:
     dit = drafter.dit
     meta = {CONFIG_METADATA_KEY: json.dumps(dit.config.to_dict()), CONTRACT_METADATA_KEY: "drafter",
             "freedit.drafter": json.dumps(asdict(drafter.config))}
-    return GraphSpec("drafter", _DrafterGraph(drafter.eval()), lambda b, s: dit_inputs(dit, b, s, with_feat=True),
+    parent_time = drafter.config.parent_time
+    return GraphSpec("drafter", _DrafterGraph(drafter.eval()),
+                     lambda b, s: dit_inputs(dit, b, s, with_feat=True, with_parent_time=parent_time),
                      ("draft_feat", "eps_v"), meta)
 
 

@@ -1,13 +1,19 @@
 """Distil FREE's drafter from a frozen DiT (DESIGN §3.1): ``freedit train-drafter``.
 
-1. Trajectories come from the target's own DDPM sampler with the inference step count and CFG;
-   each step stores the state and the DiT's real features of its conditional and null rows.
+1. Trajectories come from the target's own DDPM sampler, one set per *setting* (a respacing and
+   a CFG scale; the settings are every pair of ``spacings`` x ``cfg_scales``, so one drafter
+   serves the step counts and guidance scales users sample at); each step stores the state and
+   the DiT's real features of its conditional (and, with CFG, null) rows.
 2. Loss per drafted position = Smooth-L1 on features + KL(q || p) between the target's and the
-   draft's guided transitions (what acceptance depends on: mean and log-variance), unrolled
-   ``unroll`` steps with drafted features fed back, weighted towards late (low-noise) steps.
+   draft's guided transitions (what acceptance depends on: mean and log-variance), or another
+   distance between them (``divergence``), unrolled ``unroll`` steps with drafted features fed
+   back, weighted towards late (low-noise) steps. Each optimizer step splits its batch over ``settings_per_step`` settings drawn at random.
+   With ``parent_time`` the drafter is told the timestep of the features it is given, i.e. how
+   large the step it drafts is.
 3. Held-out trajectories measure the real quantity: acceptance min(1, q/p) of one draft from the
-   real parent, per timestep, for the drafter and for the training-free frozen baseline.
-Resumable: ``state.pt`` in the output folder is picked up.
+   real parent, per timestep and per setting, for the drafter and for the training-free frozen
+   baseline.
+Resumable: ``state.pt`` in the output folder is picked up; trajectories are cached per setting.
 """
 from __future__ import annotations
 
@@ -31,11 +37,19 @@ from freedit.runtime.schedule import Schedule
 
 @dataclass
 class DrafterTrainConfig:
-    steps: str = "250"  # the inference respacing
-    cfg_scale: float = 1.5
-    trajectories: int = 320
-    held_out: int = 32
+    spacings: tuple[str, ...] = ("250",)  # the inference respacings trained for
+    cfg_scales: tuple[float, ...] = (1.5,)  # ... and guidance scales (every pair is a setting)
+    trajectories: int = 320  # per setting
+    held_out: int = 32  # per setting
     depth: int = 1
+    parent_time: bool = True  # the drafter gets its input features' timestep (contract input t_feat)
+    mlp_ratio: float | None = None  # the drafter block's MLP width; None: the DiT's
+    settings_per_step: int = 4  # settings sharing one optimizer step's batch
+    # The distance between target and draft transitions the loss minimises per drafted position:
+    # "kl" KL(q||p); "sqrt-kl" its square root; "hellinger" the Hellinger distance, which like the
+    # rejection rate TV(p, q) it brackets (H^2 <= TV <= sqrt(2) H) saturates at 1, so positions no
+    # drafter can match stop dominating the ones it can (KL is unbounded there).
+    divergence: str = "kl"
     train_steps: int = 2000
     batch_size: int = 128
     unroll: int = 3
@@ -51,6 +65,21 @@ class Trajectories:
     x: torch.Tensor  # [M, N+1, C, H, W]: x[:, N] = x_T, x[:, i] = input of transition i
     feat: torch.Tensor  # [M, N, rows, T, H] real features of x[:, i] (rows: cond, null)
     labels: torch.Tensor  # [M]
+
+
+@dataclass
+class Setting:
+    """One (respacing, CFG scale) the drafter is trained for, with its train and held-out trajectories."""
+
+    spacing: str
+    cfg_scale: float
+    sched: TorchSchedule
+    train: Trajectories
+    held: Trajectories
+
+    @property
+    def name(self) -> str:
+        return f"{self.spacing}@cfg{self.cfg_scale:g}"
 
 
 def guided_output(dit: DiT, feat: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -98,40 +127,69 @@ def gaussian_kl(mean_q, log_var_q, mean_p, log_var_p) -> torch.Tensor:
     return kl.flatten(1).sum(1)
 
 
+def bhattacharyya(mean_q, log_var_q, mean_p, log_var_p) -> torch.Tensor:
+    """Bhattacharyya distance -log integral sqrt(p q) per row for diagonal Gaussians, summed over elements."""
+    var_q, var_p = torch.exp(log_var_q), torch.exp(log_var_p)
+    mix = 0.5 * (var_q + var_p)
+    d = 0.125 * (mean_q - mean_p) ** 2 / mix + 0.5 * torch.log(mix) - 0.25 * (log_var_q + log_var_p)
+    return d.flatten(1).sum(1)
+
+
+def transition_divergence(kind: str, mean_q, log_var_q, mean_p, log_var_p) -> torch.Tensor:
+    """The per-row loss term of ``DrafterTrainConfig.divergence``."""
+    if kind == "kl":
+        return gaussian_kl(mean_q, log_var_q, mean_p, log_var_p)
+    if kind == "sqrt-kl":
+        return torch.sqrt(gaussian_kl(mean_q, log_var_q, mean_p, log_var_p).clamp(min=0.0) + 1e-6)
+    if kind == "hellinger":
+        return torch.sqrt(-torch.expm1(-bhattacharyya(mean_q, log_var_q, mean_p, log_var_p)).clamp(min=0.0) + 1e-6)
+    raise ValueError(f"unknown divergence {kind!r}; choose kl, sqrt-kl or hellinger")
+
+
 def _step_tensors(traj: Trajectories, sched: TorchSchedule, m: torch.Tensor, i: torch.Tensor):
     return traj.x[m, i], sched.timesteps[i], traj.labels[m]
 
 
-def unrolled_loss(drafter: Drafter, traj: Trajectories, sched: TorchSchedule, cfg: DrafterTrainConfig,
-                  m: torch.Tensor, i0: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Draft positions i0, i0-1, ... (unroll steps) from the real parent features at i0 + 1."""
-    dit, n = drafter.dit, sched.schedule.num_steps
+def unrolled_loss(drafter: Drafter, setting: Setting, cfg: DrafterTrainConfig, m: torch.Tensor,
+                  i0: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Draft positions i0, i0-1, ... (unroll steps) from the real parent features at i0 + 1.
+
+    The sampler drafts only noisy transitions (step >= 1; the last one is the DiT's mean), so a
+    chain stops at step 1: positions below it carry no weight."""
+    dit, traj, sched = drafter.dit, setting.train, setting.sched
+    n = sched.schedule.num_steps
     feat = traj.feat[m, i0 + 1].float()  # the parent's real features
     total, logs = 0.0, {"feature": 0.0, "kl": 0.0}
     for k in range(cfg.unroll):
-        i = i0 - k
+        live = (i0 - k >= 1).float()
+        i = (i0 - k).clamp(min=1)
         x, t, y = _step_tensors(traj, sched, m, i)
-        feat = draft_features(drafter, feat, x, t, y)
+        feat = draft_features(drafter, feat, x, t, y, sched.timesteps[i + 1])
         real = traj.feat[m, i].float()
-        eps_p = guided_output(dit, feat, t, y, cfg.cfg_scale)
+        eps_p = guided_output(dit, feat, t, y, setting.cfg_scale)
         with torch.no_grad():
-            eps_q = guided_output(dit, real, t, y, cfg.cfg_scale)
+            eps_q = guided_output(dit, real, t, y, setting.cfg_scale)
             mean_q, lv_q = sched.transition(x, eps_q, i)
         mean_p, lv_p = sched.transition(x, eps_p, i)
-        weight = 1.0 + cfg.late_weight * (1.0 - i.float() / n)
+        weight = live * (1.0 + cfg.late_weight * (1.0 - i.float() / n))
         feature = F.smooth_l1_loss(feat, real, reduction="none").flatten(1).mean(1)
         kl = gaussian_kl(mean_q, lv_q, mean_p, lv_p)
-        total = total + (weight * (cfg.feature_weight * feature + kl)).mean()
-        logs["feature"] += float(feature.detach().mean()) / cfg.unroll
-        logs["kl"] += float(kl.detach().mean()) / cfg.unroll
+        distance = kl if cfg.divergence == "kl" else transition_divergence(cfg.divergence, mean_q, lv_q, mean_p, lv_p)
+        total = total + (weight * (cfg.feature_weight * feature + distance)).mean()
+        alive = live.sum().clamp(min=1.0)
+        logs["feature"] += float((feature.detach() * live).sum() / alive) / cfg.unroll
+        logs["kl"] += float((kl.detach() * live).sum() / alive) / cfg.unroll
     return total / cfg.unroll, logs
 
 
-def draft_features(drafter: Drafter, parent: torch.Tensor, x, t, y) -> torch.Tensor:
-    """Per-state parent features [B, rows, T, H] -> drafted features of state x, same layout."""
+def draft_features(drafter: Drafter, parent: torch.Tensor, x, t, y, t_parent) -> torch.Tensor:
+    """Per-state parent features [B, rows, T, H] (computed at timesteps ``t_parent``) -> drafted
+    features of state x, same layout."""
     rows = parent.shape[1]
     yy = torch.cat([y, torch.full_like(y, drafter.dit.config.num_classes)]) if rows == 2 else y
-    h, _ = drafter(torch.cat([parent[:, r] for r in range(rows)]), torch.cat([x] * rows), torch.cat([t] * rows), yy)
+    t_feat = torch.cat([t_parent] * rows) if drafter.config.parent_time else None
+    h, _ = drafter(torch.cat([parent[:, r] for r in range(rows)]), torch.cat([x] * rows), torch.cat([t] * rows), yy,
+                   t_feat)
     return torch.stack(h.chunk(rows), dim=1)
 
 
@@ -156,7 +214,7 @@ def held_out_acceptance(dit: DiT, drafter: Drafter | None, traj: Trajectories, s
         x, t, y = _step_tensors(traj, sched, m, i)
         parent = traj.feat[m, i + 1].float()
         if drafter is not None:
-            eps_p = guided_output(dit, draft_features(drafter, parent, x, t, y), t, y, cfg_scale)
+            eps_p = guided_output(dit, draft_features(drafter, parent, x, t, y, sched.timesteps[i + 1]), t, y, cfg_scale)
         else:  # frozen: the parent's real output (its own timestep) drives this step's transition
             eps_p = guided_output(dit, parent, sched.timesteps[i + 1], y, cfg_scale)
         eps_q = guided_output(dit, traj.feat[m, i].float(), t, y, cfg_scale)
@@ -166,15 +224,15 @@ def held_out_acceptance(dit: DiT, drafter: Drafter | None, traj: Trajectories, s
             xt = mean_p + torch.exp(0.5 * lv_p) * torch.randn(mean_p.shape, generator=g)
             log_r = _log_normal(xt, mean_q, lv_q) - _log_normal(xt, mean_p, lv_p)
             per_step[step - 1] += float(torch.exp(torch.clamp(log_r, max=0.0)).mean()) / draws
-    edges = np.linspace(1, n - 1, bins + 1).astype(int)
+    edges = np.linspace(1, n - 1, min(bins, n - 2) + 1).astype(int)
     binned = [float(per_step[a - 1:b - 1].mean()) for a, b in zip(edges[:-1], edges[1:])]
     return {"mean": float(per_step.mean()), "by_step": per_step.tolist(), "bins": binned, "bin_edges": edges.tolist()}
 
 
-def check_trajectories(traj: Trajectories, dit: DiT, num_steps: int, cfg: DrafterTrainConfig, path: Path) -> None:
+def check_trajectories(traj: Trajectories, dit: DiT, num_steps: int, count: int, cfg_scale: float, path: Path) -> None:
     """Reused trajectories must be the ones these settings would collect (count, steps, rows, shapes)."""
     c = dit.config
-    count, rows = cfg.trajectories + cfg.held_out, 2 if cfg.cfg_scale != 1.0 else 1
+    rows = 2 if cfg_scale != 1.0 else 1
     want = {"x": (count, num_steps + 1, c.in_channels, c.input_size, c.input_size),
             "feat": (count, num_steps, rows, c.num_patches, c.hidden_size), "labels": (count,)}
     got = {k: tuple(getattr(traj, k).shape) for k in want}
@@ -184,6 +242,32 @@ def check_trajectories(traj: Trajectories, dit: DiT, num_steps: int, cfg: Drafte
                           f"CFG or DiT changed); delete it (or choose another --out) to collect new ones")
 
 
+def load_settings(dit: DiT, out_dir: Path, cfg: DrafterTrainConfig) -> list[Setting]:
+    """Every (respacing, CFG scale) pair with its trajectories, collected once and cached per setting
+    (loaded weights-only and checked against the setting, export/resume.py)."""
+    settings = []
+    pairs = [(spacing, float(scale)) for spacing in cfg.spacings for scale in cfg.cfg_scales]
+    for index, (spacing, scale) in enumerate(pairs):
+        sched = TorchSchedule(Schedule.create(spacing))
+        count, seed = cfg.trajectories + cfg.held_out, cfg.seed + 1000 * index
+        path = out_dir / f"trajectories_{spacing}_cfg{scale:g}.pt"
+        if path.exists() or path.is_symlink():
+            saved = load_state(path, {"x": torch.Tensor, "feat": torch.Tensor, "labels": torch.Tensor, "seed": int})
+            traj = Trajectories(saved["x"], saved["feat"], saved["labels"])
+            check_trajectories(traj, dit, sched.schedule.num_steps, count, scale, path)
+            if saved["seed"] != seed:
+                raise ResumeError(f"{path} holds trajectories for other settings (seed {saved['seed']} vs {seed}); "
+                                  f"delete it (or choose another --out) to collect new ones")
+        else:
+            traj = collect_trajectories(dit, sched, count, scale, seed)
+            save_state(path, {**asdict(traj), "seed": seed})
+        split = cfg.trajectories
+        settings.append(Setting(spacing, scale, sched,
+                                Trajectories(traj.x[:split], traj.feat[:split], traj.labels[:split]),
+                                Trajectories(traj.x[split:], traj.feat[split:], traj.labels[split:])))
+    return settings
+
+
 def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Path:
     """Collect (or reload) trajectories, train, evaluate, and write drafter.safetensors + train_log.json."""
     out_dir = Path(out_dir)
@@ -191,20 +275,8 @@ def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Pat
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     dit = dit.eval().requires_grad_(False)
-    sched = TorchSchedule(Schedule.create(cfg.steps))
-    n = sched.schedule.num_steps
-    traj_path = out_dir / "trajectories.pt"
-    if traj_path.exists() or traj_path.is_symlink():
-        saved = load_state(traj_path, {"x": torch.Tensor, "feat": torch.Tensor, "labels": torch.Tensor})
-        traj = Trajectories(saved["x"], saved["feat"], saved["labels"])
-        check_trajectories(traj, dit, n, cfg, traj_path)
-    else:
-        traj = collect_trajectories(dit, sched, cfg.trajectories + cfg.held_out, cfg.cfg_scale, cfg.seed)
-        save_state(traj_path, asdict(traj))
-    split = cfg.trajectories
-    train = Trajectories(traj.x[:split], traj.feat[:split], traj.labels[:split])
-    held = Trajectories(traj.x[split:], traj.feat[split:], traj.labels[split:])
-    drafter = Drafter(dit, depth=cfg.depth)
+    settings = load_settings(dit, out_dir, cfg)
+    drafter = Drafter(dit, depth=cfg.depth, parent_time=cfg.parent_time, mlp_ratio=cfg.mlp_ratio)
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     state_path, start, log = out_dir / "state.pt", 0, []
@@ -219,27 +291,36 @@ def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Pat
         restore(state_path, "drafter", load)
         start, log = state["step"], state["log"]
     t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
+    per_step = min(cfg.settings_per_step, len(settings))
+    sub_batch = max(1, cfg.batch_size // per_step)
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="train drafter", unit="step")
     for step in bar:
         for group in opt.param_groups:  # cosine decay to 10%
             group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.train_steps)))
-        m = torch.randint(0, split, (cfg.batch_size,), generator=gen)
-        # first drafted step i0 in [unroll - 1, n - 2]: its parent i0 + 1 and all unrolled steps exist
-        i0 = torch.randint(cfg.unroll, n, (cfg.batch_size,), generator=gen) - 1
-        loss, terms = unrolled_loss(drafter, train, sched, cfg, m, i0)
+        loss, terms = 0.0, {"feature": 0.0, "kl": 0.0}
+        for s in torch.randperm(len(settings), generator=gen)[:per_step].tolist():
+            n = settings[s].sched.schedule.num_steps
+            m = torch.randint(0, cfg.trajectories, (sub_batch,), generator=gen)
+            # first drafted step i0 in [1, n - 2]: a noisy transition whose parent i0 + 1 exists
+            i0 = torch.randint(1, n - 1, (sub_batch,), generator=gen)
+            part, part_terms = unrolled_loss(drafter, settings[s], cfg, m, i0)
+            loss = loss + part / per_step
+            for key in terms:
+                terms[key] += part_terms[key] / per_step
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}", kl=f"{terms['kl']:.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kl=f"{terms['kl']:.3f}")
         if (step + 1) % 100 == 0:
-            log.append({"step": step + 1, "loss": float(loss), **terms, "seconds": time.time() - t0})
+            log.append({"step": step + 1, "loss": float(loss.detach()), **terms, "seconds": time.time() - t0})
         if (step + 1) % 500 == 0 or step + 1 == cfg.train_steps:
             save_state(state_path, {"drafter": drafter.state_dict(), "opt": opt.state_dict(),
                                     "generator": gen.get_state(), "step": step + 1, "log": log})
     drafter.eval()
-    evaluation = {"drafter": held_out_acceptance(dit, drafter, held, sched, cfg.cfg_scale),
-                  "frozen": held_out_acceptance(dit, None, held, sched, cfg.cfg_scale)}
+    evaluation = {s.name: {"drafter": held_out_acceptance(dit, drafter, s.held, s.sched, s.cfg_scale),
+                           "frozen": held_out_acceptance(dit, None, s.held, s.sched, s.cfg_scale)}
+                  for s in tqdm(settings, desc="held-out acceptance", leave=False)}
     path = out_dir / "drafter.safetensors"
     save_drafter(drafter, path, {"train_config": json.dumps(asdict(cfg))})
     (out_dir / "train_log.json").write_text(json.dumps({"train_config": asdict(cfg), "log": log,

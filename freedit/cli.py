@@ -425,12 +425,25 @@ def _train_drafter(args: argparse.Namespace) -> int:
     from freedit.export.checkpoint import load_dit
     from freedit.export.train_drafter import DrafterTrainConfig, train_drafter
 
+    from freedit.runtime.schedule import Schedule
+
     if args.unroll < 1:
         raise UsageError(f"--unroll must be at least 1, got {args.unroll}")
-    cfg = DrafterTrainConfig(steps=args.steps, cfg_scale=args.cfg_scale, trajectories=args.trajectories,
-                             held_out=args.held_out, depth=args.depth, train_steps=args.train_steps,
-                             batch_size=args.batch_size, unroll=args.unroll, lr=args.lr, seed=args.seed,
-                             threads=args.threads)
+    for spacing in args.steps:
+        Schedule.create(spacing)  # a ValueError naming what is wrong with the spacing
+        if Schedule.create(spacing).num_steps < 3:
+            raise UsageError(f"--steps {spacing}: FREE drafts nothing below 3 steps, so there is nothing to train on")
+    bad = [c for c in args.cfg_scale if not c >= 0]
+    if bad:
+        raise UsageError(f"--cfg-scale must be >= 0 (1 = no guidance), got {bad}")
+    if args.depth < 1 or args.trajectories < 1 or args.held_out < 1 or args.settings_per_step < 1:
+        raise UsageError("--depth, --trajectories, --held-out and --settings-per-step must be at least 1")
+    cfg = DrafterTrainConfig(spacings=tuple(args.steps), cfg_scales=tuple(args.cfg_scale),
+                             trajectories=args.trajectories, held_out=args.held_out, depth=args.depth,
+                             parent_time=not args.no_parent_time, mlp_ratio=args.mlp_ratio,
+                             settings_per_step=args.settings_per_step, divergence=args.divergence,
+                             train_steps=args.train_steps, batch_size=args.batch_size, unroll=args.unroll, lr=args.lr,
+                             seed=args.seed, threads=args.threads)
     path = train_drafter(load_dit(args.dit), args.out, cfg)
     print(f"wrote {path}")
     return 0
@@ -693,11 +706,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(resumable; logs held-out acceptance per timestep).")
     d.add_argument("--dit", required=True, help="the frozen target: our .safetensors or an official .pt")
     d.add_argument("--out", default="runs/drafter", help="output folder (trajectories.pt, state.pt, drafter.safetensors)")
-    d.add_argument("--steps", default="250", help="inference step count the drafter is trained for")
-    d.add_argument("--cfg-scale", type=ascii_float, default=1.5, help="inference CFG scale the drafter is trained for")
-    d.add_argument("--trajectories", type=ascii_int, default=320, help="training trajectories")
-    d.add_argument("--held-out", type=ascii_int, default=32, help="held-out trajectories for the acceptance report")
+    d.add_argument("--steps", nargs="+", default=["250"], help="inference respacings the drafter is trained for "
+                   "(e.g. 25 50 100 250 ddim50)")
+    d.add_argument("--cfg-scale", nargs="+", type=ascii_float, default=[1.5], help="inference CFG scales the drafter is "
+                   "trained for (e.g. 1 1.5 4); every respacing x scale pair is a training setting")
+    d.add_argument("--trajectories", type=ascii_int, default=320, help="training trajectories per setting")
+    d.add_argument("--held-out", type=ascii_int, default=32, help="held-out trajectories per setting (acceptance report)")
     d.add_argument("--depth", type=ascii_int, default=1, help="drafter transformer blocks")
+    d.add_argument("--mlp-ratio", type=ascii_float, default=None, help="MLP width of the drafter's blocks (default: the DiT's)")
+    d.add_argument("--no-parent-time", action="store_true", help="do not give the drafter its input features' "
+                   "timestep (the pre-t_feat drafter, for one respacing)")
+    d.add_argument("--settings-per-step", type=ascii_int, default=4, help="settings sharing each optimizer step's batch")
+    d.add_argument("--divergence", choices=("kl", "sqrt-kl", "hellinger"), default="kl",
+                   help="distance between target and draft transitions the loss minimises per drafted position "
+                   "(hellinger saturates like the rejection rate does)")
     d.add_argument("--train-steps", type=ascii_int, default=2000, help="optimizer steps")
     d.add_argument("--batch-size", type=ascii_int, default=128, help="drafted positions per step")
     d.add_argument("--unroll", type=ascii_int, default=3, help="steps unrolled with drafted features fed back")

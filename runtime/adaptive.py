@@ -37,16 +37,18 @@ def measure_cost_curve(backend, info, batch: int, max_states: int, guided: bool,
     rng = np.random.default_rng(seed)
     rows_per_state = 2 if guided else 1
 
-    def inputs(rows: int, feat: bool) -> dict[str, np.ndarray]:
+    def inputs(rows: int, engine: str) -> dict[str, np.ndarray]:
         x = {"x": rng.normal(size=(rows, info.in_channels, info.input_size, info.input_size)).astype(np.float32),
              "t": rng.integers(0, 1000, rows).astype(np.float32),
              "y": rng.integers(0, info.num_classes, rows).astype(np.int64)}
-        if feat:
+        if engine == "drafter":
             x["feat"] = rng.normal(size=(rows, info.num_tokens, info.hidden_size)).astype(np.float32)
+        if "t_feat" in backend.inputs(engine):
+            x["t_feat"] = np.minimum(x["t"] + 4, 999).astype(np.float32)
         return x
 
     def timed(engine: str, rows: int) -> float:
-        feed = inputs(rows, engine == "drafter")
+        feed = inputs(rows, engine)
         backend.run(engine, feed)  # warm-up: first call of a shape may compile or allocate
         times = []
         for _ in range(repeats):

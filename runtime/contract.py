@@ -40,6 +40,13 @@ CONTRACTS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
     "vae_decoder": ((TensorSpec("latent", "tensor(float)", 4),), (TensorSpec("image", "tensor(float)", 4),)),
 }
 
+#: Inputs a graph may have on top of its contract; the runtime feeds them only where present.
+#: ``t_feat``: the original timestep of the drafter's input features (its parent state's), so one
+#: drafter can serve every respacing. Drafters exported before it existed have no such input.
+OPTIONAL_INPUTS: dict[str, tuple[TensorSpec, ...]] = {
+    "drafter": (TensorSpec("t_feat", "tensor(float)", 1),),
+}
+
 
 #: The fixed variance of a DiT without learned sigma: "large" (log beta, with the posterior variance
 #: at the last step) is what facebookresearch/DiT's create_diffusion(learn_sigma=False) samples with;
@@ -161,6 +168,12 @@ def onnx_metadata(onnx_path) -> dict[str, str]:
     return {p.key: p.value for p in load_graph(onnx_path).metadata_props}
 
 
+def input_names(kind: str, present) -> tuple[str, ...]:
+    """The inputs the runtime feeds a ``kind`` graph: its contract's, plus the optional ones in ``present``."""
+    want = [spec.name for spec in CONTRACTS[kind][0]]
+    return tuple(want + [spec.name for spec in OPTIONAL_INPUTS.get(kind, ()) if spec.name in set(present)])
+
+
 def _describe(arg) -> TensorSpec:
     return TensorSpec(arg.name, arg.type, len(arg.shape))
 
@@ -199,16 +212,24 @@ def check_session(kind: str, session, source: str) -> ModelInfo | DecoderInfo:
     if kind not in CONTRACTS:
         raise ContractError(f"unknown contract {kind!r}; known: {', '.join(CONTRACTS)}")
     want_in, want_out = CONTRACTS[kind]
+    optional = OPTIONAL_INPUTS.get(kind, ())
     for role, want, got in (("input", want_in, session.get_inputs()), ("output", want_out, session.get_outputs())):
         have = {a.name: _describe(a) for a in got}
-        for spec in want:
+        for spec in want + (optional if role == "input" else ()):
             if spec.name not in have:
+                if spec in optional:
+                    continue
                 raise ContractError(f"{source}: no {role} named {spec.name!r} (has {', '.join(have) or 'none'}); "
                                     f"it is not a freedit '{kind}' model - re-export it with `freedit export`")
             if have[spec.name] != spec:
                 h = have[spec.name]
                 raise ContractError(f"{source}: {role} {spec.name!r} is {h.dtype} of rank {h.rank}, the '{kind}' "
                                     f"contract needs {spec.dtype} of rank {spec.rank} - re-export it with `freedit export`")
+        if role == "input":
+            unknown = sorted(set(have) - {spec.name for spec in want + optional})
+            if unknown:
+                raise ContractError(f"{source}: input(s) {', '.join(map(repr, unknown))} are not in the '{kind}' "
+                                    f"contract, so the runtime cannot feed them - re-export it with `freedit export`")
     meta = session.get_modelmeta().custom_metadata_map
     if kind == "vae_decoder":  # no DiT config: the decoder describes its own shapes
         if DECODER_METADATA_KEY not in meta:

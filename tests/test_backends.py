@@ -15,14 +15,21 @@ from freedit.runtime.pipeline import Pipeline
 torch = pytest.importorskip("torch")
 
 
-def _random_inputs(info, rows: int, seed: int, feat: bool = False) -> dict[str, np.ndarray]:
+def _random_inputs(info, rows: int, seed: int, feat: bool = False, t_feat: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     inputs = {"x": rng.normal(size=(rows, info.in_channels, info.input_size, info.input_size)).astype(np.float32),
               "t": rng.integers(0, 1000, rows).astype(np.float32),
               "y": rng.integers(0, info.num_classes + 1, rows).astype(np.int64)}
     if feat:
         inputs = {"feat": rng.normal(size=(rows, info.num_tokens, info.hidden_size)).astype(np.float32), **inputs}
+    if t_feat:  # a drafter that takes its input features' timestep (one respaced step above t)
+        inputs["t_feat"] = np.minimum(inputs["t"] + rng.integers(1, 50, rows), 999).astype(np.float32)
     return inputs
+
+
+def _engine_inputs(backend, engine: str, rows: int, seed: int) -> dict[str, np.ndarray]:
+    return _random_inputs(backend.info("dit"), rows, seed, feat=engine == "drafter",
+                          t_feat="t_feat" in backend.inputs(engine))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def torch_pipe(bundled_dir):
 
 def test_torch_backend_matches_onnxruntime_per_call(ort_pipe, torch_pipe):
     for engine in ("dit", "drafter"):
-        inputs = _random_inputs(ort_pipe.info, 7, seed=3, feat=engine == "drafter")
+        inputs = _engine_inputs(ort_pipe.backend, engine, 7, seed=3)
         want = ort_pipe.backend.run(engine, inputs)
         got = torch_pipe.backend.run(engine, inputs)
         assert set(got) == set(want)
@@ -51,7 +58,7 @@ def test_io_binding_path_equals_session_run(bundled_dir):
     plain = OnnxRuntimeBackend(files, threads=1)
     bound = OnnxRuntimeBackend(files, threads=1, io_binding=True)
     for engine in ("dit", "drafter"):
-        inputs = _random_inputs(plain.info("dit"), 5, seed=11, feat=engine == "drafter")
+        inputs = _engine_inputs(plain, engine, 5, seed=11)
         want, got = plain.run(engine, inputs), bound.run(engine, inputs)
         for name in want:
             np.testing.assert_array_equal(got[name], want[name])
@@ -122,7 +129,7 @@ def test_gpu_backend_matches_cpu(bundled_dir, ort_pipe, backend):
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
     for engine in ("dit", "drafter"):
-        inputs = _random_inputs(ort_pipe.info, 9, seed=4, feat=engine == "drafter")
+        inputs = _engine_inputs(ort_pipe.backend, engine, 9, seed=4)
         want, got = ort_pipe.backend.run(engine, inputs), pipe.backend.run(engine, inputs)
         for name in want:
             np.testing.assert_allclose(got[name], want[name], atol=1e-3 * max(1, np.abs(want[name]).max()))

@@ -101,3 +101,17 @@ def test_export_bad_checkpoint(tmp_path):
     out = run_cli("export", "--checkpoint", tmp_path / "bad.pt", "--out", tmp_path / "o")
     assert out.returncode == 2 and "not a readable PyTorch checkpoint" in out.stderr and "Traceback" not in out.stderr
     assert not list((tmp_path / "o").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "2"], "--steps 2: FREE drafts nothing below 3 steps"),
+    (["--steps", "50", "ddimX"], "not a step count"),
+    (["--cfg-scale", "1.5", "-1"], r"--cfg-scale must be >= 0 \(1 = no guidance\), got \[-1.0\]"),
+    (["--depth", "0"], "must be at least 1"),
+])
+def test_bad_train_drafter_arguments(tmp_path, bundled_dir, args, message):
+    out = run_cli("train-drafter", "--dit", bundled_dir / "digits_dit.safetensors", "--out", tmp_path / "d", *args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert __import__("re").search(message, out.stderr), out.stderr
+    assert not (tmp_path / "d").exists()

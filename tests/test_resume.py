@@ -21,9 +21,13 @@ from freedit.runtime.pipeline import default_model_dir  # noqa: E402
 DIT_ARGS = ["--steps", "2", "--batch-size", "4", "--threads", "1"]
 
 
-def drafter_args(out: Path, steps: int = 4, train_steps: int = 1) -> list[str]:
+#: The trajectory cache of drafter_args' one setting (respacing 4, CFG 1.5; export/train_drafter.py).
+TRAJECTORIES = "trajectories_4_cfg1.5.pt"
+
+
+def drafter_args(out: Path, steps: int = 4, train_steps: int = 1, trajectories: int = 2) -> list[str]:
     return ["train-drafter", "--dit", str(default_model_dir() / "digits_dit.safetensors"), "--out", str(out),
-            "--steps", str(steps), "--trajectories", "2", "--held-out", "2", "--train-steps", str(train_steps),
+            "--steps", str(steps), "--trajectories", str(trajectories), "--held-out", "2", "--train-steps", str(train_steps),
             "--batch-size", "2", "--unroll", "1", "--threads", "1"]
 
 
@@ -65,14 +69,14 @@ def test_crafted_state_is_refused_and_its_code_never_runs(capfd, tmp_path, comma
     out.mkdir()
     craft_state(out / "state.pt", marker)
     if command == "train-drafter":  # the trajectories file goes through the same loader
-        craft_state(out / "trajectories.pt", marker)
+        craft_state(out / TRAJECTORIES, marker)
     args = ["train-dit", "--out", str(out), *DIT_ARGS] if command == "train-dit" else drafter_args(out)
     capfd.readouterr()
     assert main(args) == 2
     line = one_error_line(capfd, command)
     assert "refusing resume state" in line and "weights-only" in line
     assert not marker.exists(), "the pickled payload ran"
-    assert sorted(p.name for p in out.iterdir()) == sorted(["state.pt"] + (["trajectories.pt"] if
+    assert sorted(p.name for p in out.iterdir()) == sorted(["state.pt"] + ([TRAJECTORIES] if
                                                                            command == "train-drafter" else []))
 
 
@@ -113,8 +117,9 @@ def test_a_real_state_resumes(capfd, tmp_path):
 
 def test_drafter_resume_and_trajectories_for_other_settings(capfd, tmp_path):
     assert main(drafter_args(tmp_path)) == 0
-    assert main(drafter_args(tmp_path, train_steps=2)) == 0  # resumes state.pt and reuses trajectories.pt
+    assert main(drafter_args(tmp_path, train_steps=2)) == 0  # resumes state.pt and reuses the trajectories
     assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
     capfd.readouterr()
-    assert main(drafter_args(tmp_path, steps=5, train_steps=3)) == 2  # trajectories of 4 steps, asked for 5
+    # the cache of this setting holds 2 + 2 trajectories; 3 + 2 are asked for
+    assert main(drafter_args(tmp_path, train_steps=3, trajectories=3)) == 2
     assert "holds trajectories for other settings" in one_error_line(capfd, "train-drafter")

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from freedit.runtime.contract import CONTRACTS, DecoderInfo, ModelInfo
+from freedit.runtime.contract import DecoderInfo, ModelInfo, input_names
 
 
 class BoundEngine:
@@ -67,13 +67,14 @@ class Backend(ABC):
     def info(self, engine: str) -> ModelInfo | DecoderInfo:
         """The model description read from the engine's metadata (DecoderInfo for the ``vae_decoder``)."""
 
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        """The inputs ``engine`` takes: its contract's, plus the optional ones it has (runtime/contract.py).
+        A backend that cannot tell takes the contract's alone."""
+        return input_names(engine, ())
+
     @abstractmethod
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one engine call; inputs and outputs are named per the ONNX contract."""
-
-    def inputs(self, engine: str) -> tuple[str, ...]:
-        """The engine's input names (the contract's, plus optional ones such as the drafter's t_feat)."""
-        return tuple(spec.name for spec in CONTRACTS[engine][0])
 
     def max_rows(self, engine: str) -> int | None:
         """The most rows one call may have (a TensorRT profile's maximum); None = no limit."""

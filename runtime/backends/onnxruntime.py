@@ -19,7 +19,7 @@ import numpy as np
 
 from freedit.errors import BackendUnavailable
 from freedit.runtime.backends.base import Backend, BoundEngine
-from freedit.runtime.contract import PRECISION_METADATA_KEY, ContractError, ModelInfo, check_session
+from freedit.runtime.contract import PRECISION_METADATA_KEY, ContractError, ModelInfo, check_session, input_names
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -63,9 +63,6 @@ class OnnxRuntimeBackend(Backend):
         self.precision = meta.get(PRECISION_METADATA_KEY, "fp32")  # in the graph (freedit export --precision)
         self._streams: dict[str, int] = {}  # engine -> the CUDA stream its session computes on
 
-    def inputs(self, engine: str) -> tuple[str, ...]:
-        return tuple(i.name for i in self._sessions[engine].get_inputs())
-
     def bind(self, engine: str, inputs: dict, outputs: dict, lane) -> BoundEngine:
         stream = getattr(lane, "stream", None)
         if self.device == "cuda":
@@ -83,6 +80,9 @@ class OnnxRuntimeBackend(Backend):
 
     def info(self, engine: str) -> ModelInfo:
         return self._info[engine]
+
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        return input_names(engine, [i.name for i in self._sessions[engine].get_inputs()])
 
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, session = self._outputs[engine], self._sessions[engine]

@@ -16,7 +16,6 @@ gives torch's own graphs per call instead).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +69,7 @@ class TorchBackend(Backend):
         self._outputs = {"dit": ("eps_v", "feat"), "drafter": ("draft_feat", "eps_v"), "vae_decoder": ("image",)}
         self._inputs = {"dit": ("x", "t", "y"),
                         "drafter": ("feat", "x", "t", "y") + (("t_feat",) if drafter is not None and
-                                                               "t_feat" in inspect.signature(drafter.forward).parameters
-                                                               else ()),
+                                                               drafter.config.parent_time else ()),
                         "vae_decoder": ("latent",)}
         self.name = f"torch-{self.device.type}" + ("-compiled" if compile else "") + \
             ("" if precision == "fp32" else f"-{precision}")

@@ -22,7 +22,7 @@ import numpy as np
 
 from freedit.errors import BackendUnavailable, CapacityError
 from freedit.runtime.backends.base import Backend, BoundEngine
-from freedit.runtime.contract import CONFIG_METADATA_KEY, DecoderInfo, ModelInfo
+from freedit.runtime.contract import CONFIG_METADATA_KEY, DecoderInfo, ModelInfo, input_names
 
 # The contracts' I/O is fp32 / int64 in every precision (runtime/contract.py); these cover it.
 _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -185,14 +185,14 @@ class TensorRTBackend(Backend):
 
     memory = "cuda"
 
+    def inputs(self, engine: str) -> tuple[str, ...]:
+        return input_names(engine, self._engines[engine].inputs)
+
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from cuda.bindings import runtime as rt
 
         _check(rt.cudaSetDevice(self.device_id))  # the current device is per host thread
         return self._engines[engine].run(inputs)
-
-    def inputs(self, engine: str) -> tuple[str, ...]:
-        return tuple(self._engines[engine].inputs)
 
     def max_rows(self, engine: str) -> int | None:
         return int(self._engines[engine].max_rows)
