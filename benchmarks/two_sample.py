@@ -51,3 +51,93 @@ def label_chi2_test(pred_a: np.ndarray, pred_b: np.ndarray, num_classes: int = 1
     table = table[:, table.sum(0) > 0]
     stat, p, dof, _ = chi2_contingency(table)
     return {"chi2": float(stat), "p_value": float(p), "dof": int(dof)}
+
+
+# --------------------------------------------------------------------------------------------
+# Within-class tests: the class each image was asked for is known, balanced and shared by both
+# samples, so comparing class by class removes the between-class variance that dominates the
+# features and leaves a bias inside a class nothing to hide behind. Permutations shuffle the
+# sample labels within each class, which keeps the test exact under the null.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_pair(a, b, classes_a, classes_b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    classes_a, classes_b = np.asarray(classes_a), np.asarray(classes_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(classes_a) != len(a) or len(classes_b) != len(b):
+        raise ValueError(f"need two [N, d] feature arrays with the same d and one class per row, got {a.shape} "
+                         f"({len(classes_a)} classes) and {b.shape} ({len(classes_b)} classes)")
+    return a, b, classes_a, classes_b
+
+
+def _groups(a, b, classes_a, classes_b) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class present in both samples: (pooled rows, is-from-a mask), features scaled by the pooled std."""
+    pooled = np.concatenate([a, b])
+    pooled = pooled / (pooled.std(0) + 1e-8)
+    classes = np.concatenate([classes_a, classes_b])
+    from_a = np.concatenate([np.ones(len(a), bool), np.zeros(len(b), bool)])
+    out = []
+    for c in np.intersect1d(classes_a, classes_b):
+        rows = classes == c
+        if from_a[rows].sum() >= 2 and (~from_a[rows]).sum() >= 2:
+            out.append((pooled[rows], from_a[rows]))
+    if not out:
+        raise ValueError("no class has at least 2 rows in both samples")
+    return out
+
+
+def _energy(d: np.ndarray, s: np.ndarray) -> float:
+    """n m / (n + m) * (2 E|X-Y| - E|X-X'| - E|Y-Y'|) for the split s (True = first sample), V-statistics."""
+    s = s.astype(np.float64)
+    n, m = s.sum(), len(s) - s.sum()
+    ds = d @ s
+    xx, xy = s @ ds, (1.0 - s) @ ds
+    yy = d.sum() - 2.0 * xy - xx
+    return float(n * m / (n + m) * (2.0 * xy / (n * m) - xx / n**2 - yy / m**2))
+
+
+def energy_test(a, b, classes_a, classes_b, permutations: int = 1000, seed: int = 0) -> dict:
+    """Within-class energy distance (Szekely & Rizzo) of features a vs b, summed over classes, and its
+    permutation p-value. Sensitive to any difference of the class-conditional laws."""
+    a, b, classes_a, classes_b = _check_pair(a, b, classes_a, classes_b)
+    groups = [(np.sqrt(_sq_dists(z)), s) for z, s in _groups(a, b, classes_a, classes_b)]
+    observed = sum(_energy(d, s) for d, s in groups)
+    rng = np.random.default_rng(seed)
+    exceed = sum(sum(_energy(d, rng.permutation(s)) for d, s in groups) >= observed for _ in range(permutations))
+    return {"energy": observed, "p_value": (exceed + 1) / (permutations + 1), "permutations": permutations,
+            "classes": len(groups), "n_a": len(a), "n_b": len(b)}
+
+
+def _lda_accuracy(z: np.ndarray, s: np.ndarray, folds: np.ndarray, ridge: float) -> float:
+    """Cross-fitted accuracy of Fisher's linear discriminant telling s = True rows from the others."""
+    correct = 0
+    for f in np.unique(folds):
+        train, test = folds != f, folds == f
+        za, zb = z[train & s], z[train & ~s]
+        centred = np.concatenate([za - za.mean(0), zb - zb.mean(0)])
+        cov = centred.T @ centred / max(len(centred) - 2, 1)
+        w = np.linalg.solve(cov + ridge * np.trace(cov) / len(cov) * np.eye(len(cov)), za.mean(0) - zb.mean(0))
+        threshold = w @ (za.mean(0) + zb.mean(0)) / 2
+        correct += int(((z[test] @ w > threshold) == s[test]).sum())
+    return correct / len(z)
+
+
+def classifier_test(a, b, classes_a, classes_b, permutations: int = 200, folds: int = 5, ridge: float = 0.1,
+                    seed: int = 0) -> dict:
+    """Classifier two-sample test (Lopez-Paz & Oquab, ICLR 2017) on class-centred features: a linear
+    discriminant learns to tell a from b on some folds and is scored on the others; the p-value
+    compares its accuracy with the accuracies after within-class permutations of the sample labels.
+    Centring every class on its pooled mean (label-blind, so the permutations stay exact) asks
+    the classifier for a bias shared across classes rather than the classes themselves."""
+    a, b, classes_a, classes_b = _check_pair(a, b, classes_a, classes_b)
+    groups = _groups(a, b, classes_a, classes_b)
+    z = np.concatenate([g - g.mean(0) for g, _ in groups])
+    s_parts = [s for _, s in groups]
+    rng = np.random.default_rng(seed)
+    fold = np.concatenate([rng.permutation(np.arange(len(s)) % folds) for s in s_parts])
+    observed = _lda_accuracy(z, np.concatenate(s_parts), fold, ridge)
+    null = [_lda_accuracy(z, np.concatenate([rng.permutation(s) for s in s_parts]), fold, ridge)
+            for _ in range(permutations)]
+    exceed = sum(v >= observed for v in null)
+    return {"accuracy": observed, "null_mean": float(np.mean(null)), "p_value": (exceed + 1) / (permutations + 1),
+            "permutations": permutations, "folds": folds, "n_a": len(a), "n_b": len(b)}
