@@ -33,7 +33,7 @@ def test_ambiguous_and_unknown_names():
 
 def test_numbers_only_for_other_models_and_ranges_checked_before_expanding():
     assert parse_classes("0-9", 10) == list(range(10))
-    with pytest.raises(ValueError, match="'tench' is not a class; expected integers \(digits 0-9\) such as '0-9'.*ImageNet models"):
+    with pytest.raises(ValueError, match=r"'tench' is not a class; expected integers \(digits 0-9\) such as '0-9'.*ImageNet models"):
         parse_classes("1,tench", 10)
     with pytest.raises(ValueError, match=r"unknown class label\(s\) \[1000\]; this model has classes 0..999"):
         parse_classes("207,1000", 1000)

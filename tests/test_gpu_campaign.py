@@ -137,8 +137,12 @@ def test_out_folder_must_have_an_existing_parent(tmp_path, capsys):
 def test_a_step_is_stopped_at_its_timeout(tmp_path):
     lines = []
     (tmp_path / "context.json").write_text(json.dumps({"options": {}, "results": {}, "kernels_lib": None}))
+    slow = tmp_path / "slow"  # the child sleeps at start-up, so the step surely outlives its timeout
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
     t0 = time.monotonic()
-    rc, _ = gc._child(["--run-step", "machine"], tmp_path, dict(os.environ), 0.3, lines.append, "machine")
+    rc, _ = gc._child(["--run-step", "machine"], tmp_path, env, 0.3, lines.append, "machine")
     assert rc is None and time.monotonic() - t0 < 10
     assert not (tmp_path / "machine.result.json").exists()
 
