@@ -104,8 +104,9 @@ class Matrix:
         self.save()
 
     def save(self) -> None:
-        seeds = range(self.report["spread_seeds"])
-        self.report["spread"] = sequential_spread([r for r in self.report["sequential"] if r["seed"] in seeds])
+        # Every recorded seed counts: a later run with fewer --spread-seeds (e.g. for the costly
+        # 250-step settings) does not drop the seeds an earlier run recorded.
+        self.report["spread"] = sequential_spread(self.report["sequential"])
         _write_atomic(self.path, json.dumps(self.report, indent=1))
 
 
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", default="2,4,8")
     parser.add_argument("--samplers", default="free,frozen")
     parser.add_argument("--drafters", default=DEFAULT_DRAFTERS, help="LABEL=drafter.onnx, comma separated")
-    parser.add_argument("--spread-seeds", type=int, default=5, help="sequential runs per setting (seeds 0..K-1)")
+    parser.add_argument("--spread-seeds", type=int, default=5, help="sequential runs per setting (seeds 0..K-1) "
+                        "that this invocation makes sure exist")
     parser.add_argument("--seed", type=int, default=0, help="seed of every FREE/frozen entry")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")

@@ -44,8 +44,13 @@ POOR_NOISE = 0.05
 
 
 def poor_drafter(folder: Path, noise: float = POOR_NOISE, seed: int = 0) -> Path:
-    """The shipped drafter with Gaussian noise on every trainable weight, exported once (needs torch)."""
-    path = folder / f"drafter_poor_{noise:g}_{seed}.onnx"
+    """The shipped drafter with Gaussian noise on every trainable weight, exported once per shipped
+    drafter (the file name carries its hash, so a new drafter never meets an old cache; needs torch)."""
+    import hashlib
+
+    model = default_model_dir()
+    shipped = hashlib.sha256((model / "drafter.safetensors").read_bytes()).hexdigest()[:12]
+    path = folder / f"drafter_poor_{noise:g}_{seed}_{shipped}.onnx"
     if path.is_file():
         return path
     import torch
@@ -54,7 +59,6 @@ def poor_drafter(folder: Path, noise: float = POOR_NOISE, seed: int = 0) -> Path
     from freedit.export.drafter import load_drafter
     from freedit.export.onnx_export import export_drafter
 
-    model = default_model_dir()
     drafter = load_drafter(model / "drafter.safetensors", load_dit(model / "digits_dit.safetensors"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

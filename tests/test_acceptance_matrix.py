@@ -1,0 +1,75 @@
+"""The acceptance-matrix benchmark (benchmarks/acceptance_matrix.py) on the bundled digits DiT at a
+toy size: the entries carry the issue's keys, a rerun resumes instead of recomputing, and the
+report's verdicts follow the sequential spread."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from freedit.benchmarks import acceptance_matrix as am
+from freedit.runtime.pipeline import default_model_dir
+
+KEYS = {"steps", "cfg_scale", "sampler", "window", "drafter", "acceptance", "nfe_speedup", "fd_digits",
+        "class_accuracy"}
+
+
+def _args(out, *extra):
+    model = default_model_dir()
+    return ["--n", "20", "--steps", "6", "--cfg-scales", "1.5", "--windows", "2", "--samplers", "free,frozen",
+            "--spread-seeds", "2", "--threads", "1", "--batch-size", "20",
+            "--drafters", f"new={model / 'drafter.onnx'},old={model / 'drafter_v1.onnx'}", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    out = tmp_path_factory.mktemp("matrix") / "m"
+    assert am.main(_args(out)) == 0
+    return out
+
+
+def test_entries_carry_the_issue_keys(matrix):
+    report = json.loads(matrix.with_suffix(".json").read_text())
+    entries = report["entries"]
+    assert {(e["sampler"], e["drafter"]) for e in entries} == {("free", "new"), ("free", "old"), ("frozen", "new"),
+                                                               ("frozen", "old")}
+    for e in entries:
+        assert KEYS <= set(e), KEYS - set(e)
+        assert e["steps"] == 6 and e["window"] == 2 and e["n"] == 20
+        assert 1.0 <= e["nfe_speedup"] <= 6.0 and 0.0 <= e["acceptance"] <= 1.0
+        assert e["mean_target_calls"] == pytest.approx(6 / e["nfe_speedup"])
+        assert set(e["acceptance_by_step"]) <= {str(k) for k in range(1, 6)}
+    frozen = [e for e in entries if e["sampler"] == "frozen"]
+    assert frozen[0]["fd_digits"] == frozen[1]["fd_digits"]  # one run, listed under each drafter
+    assert [r["seed"] for r in report["sequential"]] == [0, 1]
+    assert set(report["spread"]) == {"6@1.5"}
+    md = matrix.with_suffix(".md").read_text()
+    assert "| 6 | 1.5 | free | 2 | new |" in md and matrix.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_rerun_resumes_and_keeps_earlier_seeds(matrix, capsys):
+    before = json.loads(matrix.with_suffix(".json").read_text())
+    capsys.readouterr()
+    assert am.main(_args(matrix, "--spread-seeds", "1")) == 0
+    assert '"sampler"' not in capsys.readouterr().out  # nothing was sampled again
+    after = json.loads(matrix.with_suffix(".json").read_text())
+    assert after["entries"] == before["entries"] and after["sequential"] == before["sequential"]
+    assert after["spread"]["6@1.5"]["seeds"] == [0, 1]  # a smaller --spread-seeds drops nothing
+
+
+def test_resuming_with_another_n_is_refused(matrix):
+    with pytest.raises(SystemExit, match="same --n"):
+        am.main(_args(matrix, "--n", "30"))
+
+
+def test_within_spread_rule():
+    band = {"mean": 10.0, "std": 0.5, "min": 9.0, "max": 12.0}
+    assert am.within(10.9, band) and am.within(11.9, band)  # 2 std, or the observed range
+    assert not am.within(12.1, band) and not am.within(8.9, band)
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="samplers"):
+        am.main(_args(tmp_path / "m", "--samplers", "free,greedy"))
+    with pytest.raises(ValueError, match="LABEL=PATH"):
+        am.main(_args(tmp_path / "m", "--drafters", "new=/nonexistent.onnx"))
