@@ -35,7 +35,8 @@ from freedit.runtime.schedule import Schedule
 TARGETS = {250: 4.5, 100: 2.5, 50: 2.0}
 #: CFG 4.0 must reach this share of the CFG 1.5 figure.
 CFG4_SHARE = 0.85
-DEFAULT_DRAFTERS = f"new={default_model_dir() / 'drafter.onnx'},old={default_model_dir() / 'drafter_v1.onnx'}"
+#: new: trained across settings (runtime/assets/digits/drafter_multi.*); old: the shipped one (250 steps, CFG 1.5).
+DEFAULT_DRAFTERS = f"new={default_model_dir() / 'drafter_multi.onnx'},old={default_model_dir() / 'drafter.onnx'}"
 
 
 def _csv(text: str, kind=str) -> list:

@@ -194,3 +194,20 @@ def test_training_across_settings(tmp_path, tiny_dit):
 
     before, after = objective(Drafter(tiny_dit, parent_time=True).eval()), objective(trained)
     assert after < 0.8 * before, (before, after)
+
+    # The side-by-side benchmark scores drafters on this run's held-out trajectories with the
+    # trainer's own measure: it reproduces the trainer's figures for the trained drafter.
+    from freedit.benchmarks import drafter_held_out
+    from freedit.export.checkpoint import save_dit
+
+    save_dit(tiny_dit, tmp_path / "dit.safetensors")
+    save_drafter(Drafter(tiny_dit, parent_time=True).eval(), tmp_path / "untrained.safetensors")
+    out = tmp_path / "held_out"
+    assert drafter_held_out.main(["--run", str(tmp_path), "--dit", str(tmp_path / "dit.safetensors"), "--threads", "1",
+                                  "--drafters", f"trained={path},untrained={tmp_path / 'untrained.safetensors'}",
+                                  "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())["settings"]
+    for name, setting in log["held_out_acceptance"].items():
+        assert report[name]["trained"]["mean"] == pytest.approx(setting["drafter"]["mean"], rel=1e-5)
+        assert report[name]["frozen"]["mean"] == pytest.approx(setting["frozen"]["mean"], rel=1e-5)
+    assert "| 12@cfg2 |" in out.with_suffix(".md").read_text()

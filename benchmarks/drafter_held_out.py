@@ -1,0 +1,72 @@
+"""Held-out one-step acceptance of several drafters on the same trajectories, per setting.
+
+    python -m freedit.benchmarks.drafter_held_out --run runs/drafter \
+        --drafters new=runtime/assets/digits/drafter_multi.safetensors,old=runtime/assets/digits/drafter.safetensors \
+        --out benchmarks/results/drafter_held_out
+
+``--run`` is a ``freedit train-drafter`` output folder: its train_log.json names the settings and
+trajectory counts, and its cached trajectories supply the held-out ones (never trained on). Each
+drafter is scored with export/train_drafter.held_out_acceptance, the quantity the trainer reports:
+E[min(1, q/p)] of one draft from the real parent, per respaced step, for every (respacing, CFG)
+setting; the frozen-target baseline is listed beside them. Writes <out>.json and <out>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="train-drafter output folder (train_log.json + trajectories)")
+    parser.add_argument("--dit", default=None, help="the DiT (default: the bundled digits DiT)")
+    parser.add_argument("--drafters", required=True, help="LABEL=drafter.safetensors, comma separated")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/drafter_held_out")
+    args = parser.parse_args(argv)
+    import torch
+
+    from freedit.export.checkpoint import load_dit
+    from freedit.export.drafter import load_drafter
+    from freedit.export.train_drafter import DrafterTrainConfig, held_out_acceptance, load_settings
+    from freedit.runtime.pipeline import default_model_dir
+
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    log = run / "train_log.json"
+    if not log.is_file():
+        raise SystemExit(f"error: {log} does not exist; --run wants a finished train-drafter folder")
+    saved = json.loads(log.read_text())["train_config"]
+    cfg = DrafterTrainConfig(**{**saved, "spacings": tuple(saved["spacings"]), "cfg_scales": tuple(saved["cfg_scales"])})
+    dit = load_dit(Path(args.dit) if args.dit else default_model_dir() / "digits_dit.safetensors").eval()
+    drafters = {}
+    for item in args.drafters.split(","):
+        label, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --drafters wants LABEL=PATH items, got {item!r}")
+        drafters[label] = load_drafter(path, dit).eval()
+    settings = load_settings(dit, run, cfg)
+    rows = {}
+    for s in settings:
+        scores = {label: held_out_acceptance(dit, d, s.held, s.sched, s.cfg_scale) for label, d in drafters.items()}
+        scores["frozen"] = held_out_acceptance(dit, None, s.held, s.sched, s.cfg_scale)
+        rows[s.name] = {k: {"mean": v["mean"], "bins": v["bins"]} for k, v in scores.items()}
+        print(json.dumps({"setting": s.name, **{k: round(v["mean"], 4) for k, v in scores.items()}}), flush=True)
+    report = {"command": "python -m freedit.benchmarks.drafter_held_out " + " ".join(sys.argv[1:] if argv is None else argv),
+              "held_out_per_setting": cfg.held_out, "settings": rows}
+    Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))
+    labels = list(drafters) + ["frozen"]
+    lines = ["# Held-out one-step acceptance per setting", "", f"Command: `{report['command']}`", "",
+             f"E[min(1, q/p)] of one draft from the real parent, mean over the drafted steps of {cfg.held_out} held-out "
+             "trajectories per setting (the DiT's own sampler).", "",
+             "| setting | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines += [f"| {name} | " + " | ".join(f"{row[k]['mean']:.3f}" for k in labels) + " |" for name, row in rows.items()]
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}.json, {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
