@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
-from freedit.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from freedit.benchmarks.lossless_power import digits_pipeline
+from freedit.runtime.outputs import write_outputs
 from freedit.runtime.pipeline import Pipeline, default_model_dir
 from freedit.runtime.schedule import Schedule
 
@@ -43,12 +44,12 @@ def _csv(text: str, kind=str) -> list:
     return [kind(v) for v in text.split(",") if v.strip()]
 
 
-def _drafters(text: str) -> dict[str, Path]:
+def labelled_paths(text: str) -> dict[str, Path]:
     out = {}
     for item in _csv(text):
         label, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
-            raise ValueError(f"--drafters wants LABEL=PATH.onnx items with existing files, got {item!r}")
+            raise ValueError(f"--drafters wants LABEL=PATH items with existing files, got {item!r}")
         out[label] = Path(path)
     return out
 
@@ -56,12 +57,6 @@ def _drafters(text: str) -> dict[str, Path]:
 def _key(entry: dict) -> tuple:
     return (entry["steps"], float(entry["cfg_scale"]), entry["sampler"], entry.get("window"), entry.get("drafter"),
             entry.get("seed"))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Matrix:
@@ -96,8 +91,7 @@ class Matrix:
 
     def find(self, **key) -> dict | None:
         """An entry matching ``key`` under any drafter label."""
-        want = {k: v for k, v in key.items()}
-        return next((e for e in self.report["entries"] if all(e.get(k) == v for k, v in want.items())), None)
+        return next((e for e in self.report["entries"] if all(e.get(k) == v for k, v in key.items())), None)
 
     def add(self, table: str, entry: dict) -> None:
         self.report[table].append(entry)
@@ -108,7 +102,7 @@ class Matrix:
         # Every recorded seed counts: a later run with fewer --spread-seeds (e.g. for the costly
         # 250-step settings) does not drop the seeds an earlier run recorded.
         self.report["spread"] = sequential_spread(self.report["sequential"])
-        _write_atomic(self.path, json.dumps(self.report, indent=1))
+        write_outputs({self.path: json.dumps(self.report, indent=1).encode()})
 
 
 def sequential_spread(rows: list[dict]) -> dict:
@@ -284,11 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     samplers = _csv(args.samplers)  # may be empty: only the sequential spread (or only a merge)
     if set(samplers) - {"free", "frozen"} or min(windows) < 1 or min(steps) < 1 or args.n < 2 or args.spread_seeds < 0:
         raise SystemExit("error: samplers are free/frozen, windows and steps >= 1, n >= 2, spread seeds >= 0")
-    drafters = _drafters(args.drafters)
-    model = default_model_dir()
-    defaults = json.loads((model / "pipeline.json").read_text())
-    pipes = {label: Pipeline(OnnxRuntimeBackend({"dit": model / "dit.onnx", "drafter": path}, threads=args.threads),
-                             defaults, source=str(path)) for label, path in drafters.items()}
+    drafters = labelled_paths(args.drafters)
+    pipes = {label: digits_pipeline(path, args.threads) for label, path in drafters.items()}
     import onnxruntime
 
     out = Path(args.out)
@@ -334,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "uses_drafter": sampler == "free"})
                         _log(matrix.report["entries"][-1])
     matrix.save()
-    _write_atomic(Path(f"{out}.md"), markdown(matrix.report, out.name))
+    write_outputs({Path(f"{out}.md"): markdown(matrix.report, out.name).encode()})
     plot(matrix.report, Path(f"{out}.png"))
     print(f"wrote {out}.json, {out}.md, {out}.png", flush=True)
     return 0

@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from freedit.benchmarks.acceptance_matrix import labelled_paths
     from freedit.export.checkpoint import load_dit
     from freedit.export.drafter import load_drafter
     from freedit.export.train_drafter import DrafterTrainConfig, held_out_acceptance, load_settings
+    from freedit.runtime.outputs import write_outputs
     from freedit.runtime.pipeline import default_model_dir
 
     torch.set_num_threads(args.threads)
@@ -41,12 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = json.loads(log.read_text())["train_config"]
     cfg = DrafterTrainConfig(**{**saved, "spacings": tuple(saved["spacings"]), "cfg_scales": tuple(saved["cfg_scales"])})
     dit = load_dit(Path(args.dit) if args.dit else default_model_dir() / "digits_dit.safetensors").eval()
-    drafters = {}
-    for item in args.drafters.split(","):
-        label, sep, path = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --drafters wants LABEL=PATH items, got {item!r}")
-        drafters[label] = load_drafter(path, dit).eval()
+    drafters = {label: load_drafter(path, dit).eval() for label, path in labelled_paths(args.drafters).items()}
     settings = load_settings(dit, run, cfg)
     rows = {}
     for s in settings:
@@ -56,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"setting": s.name, **{k: round(v["mean"], 4) for k, v in scores.items()}}), flush=True)
     report = {"command": "python -m freedit.benchmarks.drafter_held_out " + " ".join(sys.argv[1:] if argv is None else argv),
               "held_out_per_setting": cfg.held_out, "settings": rows}
-    Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))
     labels = list(drafters) + ["frozen"]
     lines = ["# Held-out one-step acceptance per setting", "", f"Command: `{report['command']}`", "",
              f"E[min(1, q/p)] of one draft from the real parent, mean over the drafted steps of {cfg.held_out} held-out "
              "trajectories per setting (the DiT's own sampler).", "",
              "| setting | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     lines += [f"| {name} | " + " | ".join(f"{row[k]['mean']:.3f}" for k in labels) + " |" for name, row in rows.items()]
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    write_outputs({Path(f"{args.out}.json"): json.dumps(report, indent=1).encode(),
+                   Path(f"{args.out}.md"): ("\n".join(lines) + "\n").encode()})
     print(f"wrote {args.out}.json, {args.out}.md")
     return 0
 

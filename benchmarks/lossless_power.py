@@ -69,7 +69,7 @@ def poor_drafter(folder: Path, noise: float = POOR_NOISE, seed: int = 0) -> Path
     return path
 
 
-def _pipeline(drafter: Path, threads: int | None) -> Pipeline:
+def digits_pipeline(drafter: Path, threads: int | None) -> Pipeline:
     model = default_model_dir()
     defaults = json.loads((model / "pipeline.json").read_text())
     backend = OnnxRuntimeBackend({"dit": model / "dit.onnx", "drafter": drafter}, threads=threads)
@@ -103,8 +103,8 @@ def run(steps: str = "50", n: int = 1000, window: int = 4, cfg_scale: float | No
         groups: tuple[str, ...] = LOSSLESS + BIASED, threads: int | None = None, cache: Path | None = None) -> dict:
     cache = cache or Path(tempfile.gettempdir()) / "freedit_lossless_power"
     classifier = DigitsClassifier.load()
-    shipped = _pipeline(default_model_dir() / "drafter.onnx", threads)
-    poor = _pipeline(poor_drafter(cache), threads) if "free-poor" in groups else None
+    shipped = digits_pipeline(default_model_dir() / "drafter.onnx", threads)
+    poor = digits_pipeline(poor_drafter(cache), threads) if "free-poor" in groups else None
     ref = sample(shipped, "sequential", n, steps, window, cfg_scale, classifier)
     report = {"steps": steps, "n": n, "window": window, "cfg_scale": cfg_scale or shipped.defaults["cfg_scale"],
               "alpha": ALPHA, "primary": PRIMARY, "permutations": permutations, "seeds": SEEDS,
