@@ -6,7 +6,7 @@ inside a ``with`` block; the round itself is not copied. The numpy round maths
 ``sample_residual`` through the module, so replacing them there changes what every numpy round
 decides (the device maths has its own kernels and is not affected: run these with maths="numpy"):
 
-* ``gamma0.8``: accept with min(1, (q/p)^0.8), i.e. the accept test with a constant gamma = 0.8
+* ``gamma0.8`` (and ``gamma0.9``, ``gamma0.95``): accept with min(1, (q/p)^0.8), i.e. the accept test with a constant gamma = 0.8
   (relax with a fixed temper): drafts where p > q are kept too often.
 * ``draft-resample``: on rejection, commit a fresh sample of the draft's own p instead of the
   residual (q - p)^+ (the classic mistake: "just redraw"). Rows with equal covariances take the
@@ -18,6 +18,7 @@ decides (the device maths has its own kernels and is not affected: run these wit
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 
@@ -60,4 +61,5 @@ def accept_every_draft():
     return _override("accept", lambda exact: lambda log_r, u, g=1.0: np.ones(len(log_r), dtype=bool))
 
 
-RULES = {"gamma0.8": tempered_accept, "draft-resample": draft_resample_on_rejection, "accept-all": accept_every_draft}
+RULES = {"gamma0.8": tempered_accept, "gamma0.9": partial(tempered_accept, 0.9), "gamma0.95": partial(tempered_accept, 0.95),
+         "draft-resample": draft_resample_on_rejection, "accept-all": accept_every_draft}

@@ -120,7 +120,7 @@ def _generate(args: argparse.Namespace) -> int:
     pipe.validate(labels, seed=args.seed, **pipe.resolve(**settings), extra_bytes=written)
     result = pipe.generate(labels, seed=args.seed, **settings, progress=not args.no_progress,
                            decode_batch_size=args.decode_batch_size, micro_batches=args.micro_batches,
-                           maths=args.maths, graphs=not args.no_graphs)
+                           maths=args.maths, graphs=not args.no_graphs, relax_score=args.relax_score)
     files = {}
     if images:
         ncol = args.per_class if args.per_class > 1 else min(10, len(labels))
@@ -534,6 +534,7 @@ def _read_token(path: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from freedit.runtime import limits as lim
+    from freedit.runtime.contract import RELAX_SCORES
 
     parser = OneLineParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -552,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"FREE's draft window L, 1..{lim.MAX_WINDOW} (default: the model's)")
     g.add_argument("--relax", type=bounded(ascii_float, "relax lambda", 0, lim.MAX_RELAX), default=None,
                    help=f"FREE (relax) lambda, 0..{lim.MAX_RELAX:g}; 0 = lossless (default: the model's)")
+    g.add_argument("--relax-score", choices=RELAX_SCORES, default=None,
+                   help="what FREE (relax) tempers by: gap (the draft's distance from the DiT's transition mean, in "
+                   "its standard deviations) or variance (the DiT's learned variance); default: the model's")
     g.add_argument("--steps", type=steps_arg, default=None, help="step count 1..1000 (e.g. 250) or DiT spacing "
                    "('ddim50', '10,20,30'); default: the model's, 250 for the bundled model")
     g.add_argument("--cfg-scale", type=bounded(ascii_float, "cfg scale", 0, lim.MAX_CFG_SCALE, " (1 = no guidance)"),

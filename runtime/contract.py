@@ -55,6 +55,10 @@ OPTIONAL_INPUTS: dict[str, tuple[TensorSpec, ...]] = {
 FIXED_VARIANCES = ("large", "small")
 DEFAULT_FIXED_VARIANCE = "large"
 CFG_MODES = ("reference", "all")
+#: Relax's score u per draft (DESIGN §3.4): "gap", the distance between the draft's and the DiT's
+#: transition means in the DiT's standard deviations (what the exact test's acceptance falls with);
+#: "variance", where the DiT's learned variance sits in the schedule's range (the first rule).
+RELAX_SCORES = ("gap", "variance")
 #: Bounds of the metadata's integers: generous for any DiT, small enough to refuse nonsense before
 #: anything is sized from them.
 INFO_BOUNDS = {"input_size": (1, 4096), "in_channels": (1, 256), "patch_size": (1, 256), "hidden_size": (1, 65536),

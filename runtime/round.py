@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from freedit.errors import CapacityError, ModelOutputError
-from freedit.runtime.contract import ModelInfo
+from freedit.runtime.contract import RELAX_SCORES, ModelInfo  # noqa: F401  (RELAX_SCORES: part of the round API)
 from freedit.runtime.schedule import Schedule
 
 #: Residual proposals: the attempt number goes in the high bits of the noise purpose.
@@ -143,6 +143,7 @@ class RoundSettings:
     window_schedule: np.ndarray | None = None  # L per respaced step (adaptive), instead of `window`
     relax: float = 0.0
     ddim: bool = False
+    relax_score: str = "gap"  # one of RELAX_SCORES: what relax's u measures (DESIGN §3.4)
 
     def window_at(self, steps: np.ndarray) -> np.ndarray:
         return self.window_schedule[steps] if self.window_schedule is not None else np.full_like(steps, self.window)

@@ -28,6 +28,28 @@ def uncertainty(log_var_q: np.ndarray, schedule, steps: np.ndarray) -> np.ndarra
     return np.clip(frac.mean(axis=1), 0.0, None)
 
 
+def draft_gap(mean_p: np.ndarray, mean_q: np.ndarray, log_var_q: np.ndarray) -> np.ndarray:
+    """Relax's "gap" score per row: |mu_p - mu_q| in the DiT's standard deviations (float64 sums).
+
+    The exact test's acceptance is a function of it for equal variances (1 - TV = 2 Phi(-gap / 2)),
+    so it tracks rejection draft by draft, which the variance score does not (correlations per
+    timestep: benchmarks/results/relax_score.md).
+    """
+    d = mean_p.astype(np.float64) - mean_q.astype(np.float64)
+    return np.sqrt((d * d * np.exp(-log_var_q.astype(np.float64))).sum(axis=1))
+
+
+def relax_gamma(settings: RoundSettings, mean_p, log_var_p, mean_q, log_var_q, steps) -> np.ndarray | float:
+    """gamma = 1 / (1 + lambda u) of each draft row; exactly 1 when lambda = 0 (lossless)."""
+    if settings.relax <= 0:
+        return 1.0
+    if settings.relax_score == "variance":
+        u = uncertainty(log_var_q, settings.schedule, steps)
+    else:
+        u = draft_gap(mean_p, mean_q, log_var_q)
+    return 1.0 / (1.0 + settings.relax * u)
+
+
 class NumpyRoundMaths(RoundMaths):
     kind = "numpy"
 
@@ -151,8 +173,8 @@ class NumpyRoundMaths(RoundMaths):
         ws["log_r"][draft] = coupling.log_ratio(x, ws["mean_p"][draft], ws["log_var_p"][draft], ws["mean_q"][q],
                                                 ws["log_var_q"][q])
         ws["uniform"][draft] = noise.uniform(s.seed, ws["sample"][slots], st, noise.Purpose.ACCEPT, 1)[:, 0]
-        ws["gamma"][draft] = 1.0 / (1.0 + s.relax * uncertainty(ws["log_var_q"][q], s.schedule, st)) \
-            if s.relax > 0 else 1.0
+        ws["gamma"][draft] = relax_gamma(s, ws["mean_p"][draft], ws["log_var_p"][draft], ws["mean_q"][q],
+                                         ws["log_var_q"][q], st)
 
     def commit(self, ws, rows, lane) -> None:
         spec, s = ws.spec, ws.settings

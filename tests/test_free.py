@@ -45,12 +45,22 @@ def test_relax_zero_is_lossless_bit_for_bit(free_pipe):
     np.testing.assert_array_equal(a.samples, b.samples)
     c = free_pipe.generate([0, 1, 2], sampler="free-relax", relax=50.0, steps=20, window=4, seed=3)
     assert c.summary["acceptance"] >= a.summary["acceptance"]
+    for score in ("gap", "variance"):  # lambda = 0 ignores the score: still lossless FREE bit for bit
+        d = free_pipe.generate([0, 1, 2], sampler="free-relax", relax=0.0, relax_score=score, steps=20, window=4, seed=3)
+        np.testing.assert_array_equal(a.samples, d.samples)
+    gap = free_pipe.generate([0, 1, 2], sampler="free-relax", relax=50.0, relax_score="gap", steps=20, window=4, seed=3)
+    var = free_pipe.generate([0, 1, 2], sampler="free-relax", relax=50.0, relax_score="variance", steps=20, window=4,
+                             seed=3)
+    assert gap.settings["relax_score"] == "gap" and var.settings["relax_score"] == "variance"
+    assert not np.array_equal(gap.samples, var.samples)  # the score reaches the decisions
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(window=0), "window length L must be an integer >= 1"),
     (dict(window=2.5), "window length L must be an integer >= 1"),
     (dict(sampler="free-relax", relax=-0.1), "relax lambda must be >= 0"),
+    (dict(sampler="free-relax", relax=1.0, relax_score="entropy"), "unknown relax score 'entropy'"),
+    (dict(sampler="free-relax", relax=1.0, relax_score=1), "unknown relax score 1"),
 ])
 def test_bad_free_arguments(free_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -14,7 +14,7 @@ import pytest
 
 from freedit.errors import CapacityError, ModelOutputError
 from freedit.runtime import noise
-from freedit.runtime.contract import ModelInfo
+from freedit.runtime.contract import RELAX_SCORES, ModelInfo
 from freedit.runtime.round import ATTEMPT_SHIFT, RoundSettings, RoundSpec, check_capacity, layout
 from freedit.runtime.round_numpy import NumpyRoundMaths
 from freedit.runtime.schedule import Schedule
@@ -99,9 +99,9 @@ def _spec(info=INFO, slots=6, window=3, drafter="free", guided=True, fixed="smal
                      fixed_variance=fixed)
 
 
-def _settings(steps="40", window=3, relax=0.0, ddim=False, table=None, seed=123):
+def _settings(steps="40", window=3, relax=0.0, ddim=False, table=None, seed=123, relax_score="gap"):
     return RoundSettings(Schedule.create(steps), seed=seed, cfg_scale=2.5, window=window,
-                         window_schedule=table, relax=relax, ddim=ddim)
+                         window_schedule=table, relax=relax, ddim=ddim, relax_score=relax_score)
 
 
 def _full_round(p: Pair, frozen=False, nan_row=None, tol=2e-5):
@@ -180,9 +180,12 @@ def test_round_kernels_match_numpy_fixed_variance_reflection(device_maths):
 
 
 def test_round_kernels_frozen_relax_unguided_and_window_table(device_maths):
-    p = Pair(device_maths, _spec(drafter="frozen"), _settings(relax=3.0), seed=11)
-    p.random_state(40)
-    _full_round(p, frozen=True)
+    for score in RELAX_SCORES:  # relax's gamma (compared in _full_round) under each score
+        p = Pair(device_maths, _spec(drafter="frozen"), _settings(relax=3.0, relax_score=score), seed=11)
+        p.random_state(40)
+        _full_round(p, frozen=True)
+        draft = np.flatnonzero(p.a["row_pos"][:int(p.a["report"][p.spec.slots, 0])] >= 1)
+        assert len(draft) and (p.a["gamma"][draft] < 1).all() and np.ptp(p.a["gamma"][draft]) > 0
     table = np.random.default_rng(0).integers(0, 4, 40)
     p = Pair(device_maths, _spec(guided=False), _settings(table=table, window=0), seed=12)
     p.random_state(40)
@@ -264,7 +267,8 @@ def _decisions(result):
     return [s.get("accepted") for s in result.stats], [s["target_calls"] for s in result.stats]
 
 
-@pytest.mark.parametrize("sampler,kw", [("free", {}), ("frozen", {}), ("free-relax", {"relax": 4.0}),
+@pytest.mark.parametrize("sampler,kw", [("free", {}), ("frozen", {}), ("free-relax", {"relax": 0.5}),
+                                        ("free-relax", {"relax": 4.0, "relax_score": "variance"}),
                                         ("sequential", {}), ("ddim", {})])
 def test_device_round_equals_numpy_round_on_digits(digits, sampler, kw):
     labels = [3, 1, 4, 1, 5, 9, 2]

@@ -12,7 +12,7 @@
 
 // 1: freedit_transition_f32 only. 2: dtype codes, all sampling kernels, helpers.
 // 3: the device runtime (memory, streams, events, graphs, counters) and the fused FREE round.
-#define FREEDIT_KERNELS_ABI_VERSION 3
+#define FREEDIT_KERNELS_ABI_VERSION 4
 
 #include <stddef.h>
 
@@ -150,12 +150,15 @@ FREEDIT_API int freedit_residual(const float* mean_p, const float* log_var_p, co
 // Verify rows are sample-major: slot s owns rows first_row[s] .. first_row[s] + window_of[s], row
 // first_row[s] + k holding x~_k (x~_0 = the committed state). Row r's q is the target transition
 // from x~ at row r; row r's p (k >= 1) is the draft transition that produced x~ at row r.
+#define FREEDIT_RELAX_GAP 0       // u = |mu_p - mu_q| / sigma_q (round_numpy.draft_gap)
+#define FREEDIT_RELAX_VARIANCE 1  // u = the learned variance's place in [beta_tilde, beta] (round_numpy.uncertainty)
 #define FREEDIT_ROUND_FLAG_CAP_HIT 1
 #define FREEDIT_ROUND_FLAG_NONFINITE 2
 
 typedef struct freedit_round {
   int slots, max_window, max_rows, channels, pixels, out_channels, variance, guided, guided_channels;
   int num_steps, feat_row_bytes, ddim, window, results_rows;
+  int relax_score;  // FREEDIT_RELAX_GAP or FREEDIT_RELAX_VARIANCE (used when relax > 0)
   float cfg_scale, relax;
   long long null_label;
   unsigned long long seed;

@@ -249,14 +249,21 @@ __global__ void decide_kernel(freedit_round r, int R) {
   double acc = 0.0;
   for (int e = threadIdx.x; e < E; e += blockDim.x) acc += log_ratio_term(x[e], mp[e], lvp[e], mq[e], lvq[e]);
   acc = block_sum(acc, scratch);
-  double gamma = 1.0;
-  if (r.relax > 0.0f) {  // speculative.uncertainty: where the DiT puts its variance in the schedule's range
+  double gamma = 1.0;  // round_numpy.relax_gamma
+  if (r.relax > 0.0f && r.relax_score == FREEDIT_RELAX_VARIANCE) {  // where the DiT's variance sits in the range
     const double lo = r.relax_table[2 * st], hi = r.relax_table[2 * st + 1];
     const double span = hi - lo > 1e-12 ? hi - lo : 1.0;
     double frac = 0.0;
     for (int e = threadIdx.x; e < E; e += blockDim.x) frac += (static_cast<double>(lvq[e]) - lo) / span;
     frac = block_sum(frac, scratch) / E;
     gamma = 1.0 / (1.0 + static_cast<double>(r.relax) * (frac > 0.0 ? frac : 0.0));
+  } else if (r.relax > 0.0f) {  // the draft's gap: |mu_p - mu_q| in the target's standard deviations
+    double gap = 0.0;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      const double d = static_cast<double>(mp[e]) - static_cast<double>(mq[e]);
+      gap += d * d * exp(-static_cast<double>(lvq[e]));
+    }
+    gamma = 1.0 / (1.0 + static_cast<double>(r.relax) * sqrt(block_sum(gap, scratch)));
   }
   if (threadIdx.x == 0) {
     r.log_r[row] = acc;
@@ -361,7 +368,8 @@ bool valid(const freedit_round* r) {
          r->row_slot && r->row_pos && r->row_step && r->table && r->timesteps && r->v_x && r->v_t && r->v_y &&
          r->v_eps && r->v_feat && r->mean_q && r->log_var_q && r->eps_q && r->report &&
          r->guided_channels >= 0 && r->guided_channels <= r->channels && (!r->ddim || r->ddim_table) &&
-         (r->relax <= 0.0f || r->relax_table);
+         (r->relax <= 0.0f || r->relax_table) &&
+         (r->relax_score == FREEDIT_RELAX_GAP || r->relax_score == FREEDIT_RELAX_VARIANCE);
 }
 bool has_drafts(const freedit_round* r) {
   return r->draft_src && r->draft_prev && r->slot_rank && r->mean_p && r->log_var_p && r->log_r && r->uniform &&

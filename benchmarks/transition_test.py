@@ -1,0 +1,181 @@
+"""The transition test: FREE's invariant checked on every committed transition of real chains.
+
+DESIGN §3.2's lossless guarantee is a statement about single transitions: whatever the drafter,
+each committed state x' is distributed as the DiT's own transition q(. | x) = N(mu_q, sigma_q^2)
+from the committed parent x. So z = (x' - mu_q(x)) / sigma_q(x) is N(0, I) given everything before
+it, and the projections z . e of the transitions of a chain are independent N(0, 1) for any unit
+vector e fixed by the past. That makes an exact test with no reference sample and no permutations:
+the mean of n projections is N(0, 1 / n) under the null.
+
+The direction is where a biased sampler errs: towards the draft. For every transition the test
+recomputes, with its own ONNX Runtime sessions, the DiT at the parent (mu_q, sigma_q and the real
+features) and at the grandparent (the features the drafter starts from), runs the shipped drafter
+once (position 1 of a window) and takes e = (mu_p - mu_q) / |mu_p - mu_q| in sigma_q units. The
+direction is the same function of the past for every sampler under test, whatever drafter or
+rule that sampler used; the drafts of later window positions differ, but any past-measurable e
+keeps the null exact. A second statistic, sum |z|^2 ~ chi^2 with n E degrees of freedom, covers
+biases across e (e.g. a wrong variance).
+
+``recording`` captures the committed chain of every sample from the numpy round maths
+(NumpyRoundMaths.commit: the round's start state, each accepted draft state, the committed one);
+nothing in the runtime changes. The final step (the DiT's mean, no noise) and the first (no parent
+to draft from) are left out.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from freedit.runtime import ops
+from freedit.runtime.round_numpy import NumpyRoundMaths
+from freedit.runtime.schedule import Schedule
+
+
+class Chains:
+    """Every committed state of every sample: ``states[sample][step]`` is the state before transition
+    ``step`` (T - 1 is the starting noise), ``final[sample]`` the sample after transition 0."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.states: dict[int, dict[int, np.ndarray]] = {}
+        self.final: dict[int, np.ndarray] = {}
+
+    def add(self, sample: int, start: int, chain: list[np.ndarray]) -> None:
+        """``chain[m]`` is the state before transition ``start - m``; the last one is after the round."""
+        own = self.states.setdefault(sample, {})
+        for m, x in enumerate(chain):
+            step = start - m
+            if step >= 0:
+                own[step] = x
+            else:
+                self.final[sample] = x
+
+    def complete(self) -> list[int]:
+        """Samples whose whole chain was seen (every step and the final sample)."""
+        return sorted(s for s, own in self.states.items() if len(own) == self.num_steps and s in self.final)
+
+    def array(self, samples: list[int]) -> np.ndarray:
+        """[len(samples), T + 1, *state]: ``a[:, i]`` is the state before transition i (i < T), ``a[:, T]``
+        the final sample; transition i >= 1 takes ``a[:, i]`` to ``a[:, i - 1]``."""
+        rows = [np.stack([self.states[s][i] for i in range(self.num_steps)] + [self.final[s]]) for s in samples]
+        return np.stack(rows).astype(np.float32)
+
+
+@contextmanager
+def recording(chains: Chains):
+    """Record the committed chain of every numpy round run inside the block."""
+    original = NumpyRoundMaths.commit
+
+    def commit(self, ws, rows, lane):
+        live = np.flatnonzero(ws["window_of"] >= 0)
+        start = ws["step"][live].astype(np.int64).copy()
+        first, w = ws["first_row"][live].copy(), ws["window_of"][live]
+        before = ws["x"][live].copy()
+        samples = ws["sample"][live].copy()
+        original(self, ws, rows, lane)
+        accepted = ws["report"][live, 1]
+        for j in range(len(live)):
+            a = int(accepted[j])
+            drafts = [ws["v_x"][first[j] + m].copy() for m in range(1, min(a, int(w[j])) + 1)]
+            chains.add(int(samples[j]), int(start[j]), [before[j], *drafts, ws["x"][live[j]].copy()])
+
+    NumpyRoundMaths.commit = commit
+    try:
+        yield chains
+    finally:
+        NumpyRoundMaths.commit = original
+
+
+class Reference:
+    """The DiT's transitions and the shipped drafter's position-1 proposal, computed afresh with
+    ONNX Runtime (no round code): what the test holds every committed transition against."""
+
+    def __init__(self, model_dir: Path, drafter: Path, info, cfg_scale: float, threads: int | None = None,
+                 chunk: int = 256):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.dit = ort.InferenceSession(str(model_dir / "dit.onnx"), options, providers=["CPUExecutionProvider"])
+        self.drafter = ort.InferenceSession(str(drafter), options, providers=["CPUExecutionProvider"])
+        self.drafter_inputs = {i.name for i in self.drafter.get_inputs()}
+        self.info, self.cfg_scale, self.chunk = info, float(cfg_scale), chunk
+
+    def _rows(self, labels: np.ndarray) -> np.ndarray:
+        guided = self.cfg_scale != 1.0
+        return np.concatenate([labels, np.full(len(labels), self.info.null_label)]) if guided else labels
+
+    def _guided(self, eps_v: np.ndarray, n: int) -> np.ndarray:
+        if self.cfg_scale == 1.0:
+            return eps_v
+        return ops.cfg_combine(eps_v[:n], eps_v[n:], self.cfg_scale, self.info.in_channels, self.info.cfg_mode)
+
+    def _dit(self, x, t, labels):
+        y, n = self._rows(labels).astype(np.int64), len(x)
+        reps = len(y) // n
+        eps_v, feat = self.dit.run(["eps_v", "feat"], {"x": np.tile(x, (reps, 1, 1, 1)), "t": np.tile(t, reps), "y": y})
+        return self._guided(eps_v, n), feat
+
+    def directions(self, schedule: Schedule, parents, states, steps, labels):
+        """(mu_q, log var_q, e) of transition ``steps`` from ``states``, whose parents (one step noisier) are
+        ``parents``; e is the unit direction towards the drafter's proposal, in sigma_q units."""
+        fv = self.info.fixed_variance
+        out = []
+        for lo in range(0, len(states), self.chunk):
+            sl = slice(lo, lo + self.chunk)
+            x, xp, st, y = states[sl], parents[sl], steps[sl], labels[sl]
+            t = schedule.timesteps[st].astype(np.float32)
+            t_parent = schedule.timesteps[st + 1].astype(np.float32)
+            eps_q, _ = self._dit(x, t, y)
+            _, feat_parent = self._dit(xp, t_parent, y)
+            rows = self._rows(y).astype(np.int64)
+            reps = len(rows) // len(x)
+            feeds = {"feat": feat_parent, "x": np.tile(x, (reps, 1, 1, 1)), "t": np.tile(t, reps), "y": rows}
+            if "t_feat" in self.drafter_inputs:
+                feeds["t_feat"] = np.tile(t_parent, reps)
+            (eps_p,) = self.drafter.run(["eps_v"], feeds)
+            mq, lvq = ops.transition(schedule, x, eps_q, st, fv)
+            mp, _ = ops.transition(schedule, x, self._guided(eps_p, len(x)), st, fv)
+            d = ((mp - mq) * np.exp(-0.5 * lvq)).reshape(len(x), -1)
+            e = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-30)
+            out.append((mq.reshape(len(x), -1), lvq.reshape(len(x), -1), e))
+        return tuple(np.concatenate(parts) for parts in zip(*out))
+
+
+def standardized(reference: Reference, schedule: Schedule, chains: Chains, labels: np.ndarray) -> dict:
+    """z and e of every testable transition (1 <= step <= T - 2) of the complete chains, row by row
+    with its sample and step."""
+    samples = chains.complete()
+    if not samples:
+        raise ValueError("no complete chain was recorded (was the numpy round maths used?)")
+    a = chains.array(samples)
+    steps = np.arange(1, chains.num_steps - 1)
+    S, K = len(samples), len(steps)
+    parents = a[:, steps + 1].reshape(S * K, *a.shape[2:])
+    states = a[:, steps].reshape(S * K, *a.shape[2:])
+    nxt = a[:, steps - 1].reshape(S * K, -1)
+    st = np.tile(steps, S)
+    mq, lvq, e = reference.directions(schedule, parents, states, st, np.repeat(labels[samples], K))
+    z = (nxt.astype(np.float64) - mq) * np.exp(-0.5 * lvq.astype(np.float64))
+    return {"sample": np.repeat(samples, K), "step": st, "z": z, "e": e}
+
+
+def test_chains(reference: Reference, schedule: Schedule, chains: Chains, labels: np.ndarray) -> dict:
+    """The two statistics over every testable transition of the complete chains."""
+    got = standardized(reference, schedule, chains, labels)
+    z, st = got["z"], got["step"]
+    proj = (z * got["e"]).sum(axis=1)
+    sq = (z * z).sum(axis=1)
+    n, E = len(proj), z.shape[1]
+    mean = float(proj.mean())
+    z_score = mean * np.sqrt(n)
+    chi_p = float(min(1.0, 2 * min(stats.chi2.cdf(sq.sum(), n * E), stats.chi2.sf(sq.sum(), n * E))))
+    by_step = {int(s): round(float(proj[st == s].mean()), 4) for s in np.unique(st)}
+    return {"transitions": n, "samples": len(np.unique(got["sample"])), "elements": E,
+            "direction": {"mean": mean, "z": float(z_score), "p_value": float(2 * stats.norm.sf(abs(z_score)))},
+            "norm": {"mean_excess": float(sq.mean() - E), "p_value": chi_p},
+            "mean_projection_by_step": by_step}
