@@ -120,7 +120,7 @@ DEFAULTS_SCHEMA = {
     "batch_size": lambda v: check_int("batch size", v, 1, MAX_BATCH_SIZE),
     "window": lambda v: check_int("window length L", v, 1, MAX_WINDOW),
     "relax": lambda v: check_number("relax lambda", v, 0.0, MAX_RELAX),
-    "relax_score": lambda v: check_relax_score(v),
+    "relax_score": check_relax_score,
     "decode_batch_size": check_decode_batch,
     "checkpoints": _check_checkpoints,
 }
