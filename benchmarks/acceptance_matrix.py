@@ -134,6 +134,7 @@ def run_entry(pipe: Pipeline, classifier, labels, **kwargs) -> dict:
         entry["acceptance_by_step"] = {str(k): v for k, v in s["acceptance_by_step"].items()}
         entry["acceptance_by_timestep"] = {str(int(timesteps[int(k)])): v for k, v in s["acceptance_by_step"].items()}
         entry["residual_cap_hits"] = s["residual_cap_hits"]
+        entry["residual_proposals"] = s["residual_proposals"]
     return entry
 
 

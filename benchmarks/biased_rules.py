@@ -13,6 +13,8 @@ decides (the device maths has its own kernels and is not affected: run these wit
   reflection coupling, which this rule leaves alone; the digits DiT learns its variance, so its
   rounds never have them.
 * ``accept-all``: every draft accepted, so the output is the drafter's own chain (a gross bias).
+* ``block-unclipped`` (block verification only): the prefix weights w_k = w_{k-1} q_k/p_k without
+  the clip at 1, so a likely draft pays for an unlikely one (an easy slip when writing DESIGN §3.3.1).
 
 """
 from __future__ import annotations
@@ -61,5 +63,19 @@ def accept_every_draft():
     return _override("accept", lambda exact: lambda log_r, u, g=1.0: np.ones(len(log_r), dtype=bool))
 
 
+def unclipped_block_weights(log_r: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """coupling.block_weights without the clip at 1."""
+    out = np.full((log_r.shape[0], log_r.shape[1] + 1), -np.inf)
+    out[:, 0] = 0.0
+    for k in range(1, log_r.shape[1] + 1):
+        out[:, k] = np.where(k <= windows, out[:, k - 1] + log_r[:, k - 1], -np.inf)
+    return out
+
+
+def block_unclipped():
+    return _override("block_weights", lambda exact: unclipped_block_weights)
+
+
 RULES = {"gamma0.8": tempered_accept, "gamma0.9": partial(tempered_accept, 0.9), "gamma0.95": partial(tempered_accept, 0.95),
-         "draft-resample": draft_resample_on_rejection, "accept-all": accept_every_draft}
+         "draft-resample": draft_resample_on_rejection, "accept-all": accept_every_draft,
+         "block-unclipped": block_unclipped}

@@ -2,16 +2,16 @@
 
     python -m freedit.benchmarks.lossless_power --steps 50 --n 512 --out benchmarks/results/lossless_power_50
 
-Independent chains (balanced classes, one seed per group) of three lossless speculative samplers
-(FREE with the shipped drafter, frozen, FREE with a deliberately poor drafter), of the sequential
-sampler, and of FREE under deliberately, slightly biased decide rules (benchmarks/biased_rules.py:
-min(1, (q/p)^gamma) for gamma 0.8 / 0.9 / 0.95, a redraw from p instead of the residual) and under
-relax. The primary statistic is the transition test (benchmarks/transition_test.py): every
-committed transition against the DiT's own, an exact z-test along the direction of the draft plus
-a chi-square on |z|^2, Bonferroni-combined. Lossless groups must pass (p >= 0.01) and biased ones
-be rejected (p < 0.01) by that one statistic in the same run. ``--final-sample-tests`` adds the
-two-sample statistics on the final images (within-class energy distance, classifier test, MMD,
-label chi-square against a sequential sample), which are far weaker.
+Independent chains (balanced classes, one seed per group) of four lossless speculative samplers
+(FREE with the shipped drafter, frozen, FREE with a deliberately poor drafter, FREE under block
+verification), of the sequential sampler, and of FREE under deliberately, slightly biased decide
+rules (benchmarks/biased_rules.py: min(1, (q/p)^gamma) for gamma 0.8 / 0.9 / 0.95, a redraw from p
+instead of the residual) and under relax. The primary statistic is the transition test
+(benchmarks/transition_test.py): every committed transition against the DiT's own, an exact z-test
+along the direction of the draft plus a chi-square on |z|^2, Bonferroni-combined. Lossless groups
+must pass (p >= 0.01) and biased ones be rejected (p < 0.01) by that one statistic in the same run.
+``--final-sample-tests`` adds the two-sample statistics on the final images (within-class energy
+distance, classifier test, MMD, label chi-square against a sequential sample), which are far weaker.
 tests/test_lossless_power.py asserts it on the CI budget; larger runs are recorded in
 benchmarks/results/.
 """
@@ -40,13 +40,13 @@ from freedit.runtime.schedule import Schedule
 
 ALPHA = 0.01
 PRIMARY = "transition"
-LOSSLESS = ("sequential", "free", "frozen", "free-poor")
+LOSSLESS = ("sequential", "free", "frozen", "free-poor", "free-block")
 BIASED = ("gamma0.8", "draft-resample")
 #: Reported beside the verdict: how small a bias the same statistic still sees.
 EXTRA = ("gamma0.9", "gamma0.95", "relax8", "accept-all")
 #: One seed per group: every chain is independent of every other.
 SEEDS = {"sequential": 11, "free": 22, "frozen": 33, "free-poor": 44, "gamma0.8": 55, "draft-resample": 66,
-         "accept-all": 77, "gamma0.9": 88, "gamma0.95": 99, "relax8": 111}
+         "accept-all": 77, "gamma0.9": 88, "gamma0.95": 99, "relax8": 111, "free-block": 122}
 #: Weight noise of the poor drafter: acceptance well below the shipped drafter's, rejections everywhere.
 POOR_NOISE = 0.05
 
@@ -84,22 +84,25 @@ def digits_pipeline(drafter: Path, threads: int | None) -> Pipeline:
     return Pipeline(backend, defaults, source=str(drafter))
 
 
-def _sampler(group: str) -> tuple[str, float]:
-    """(sampler, relax lambda) of a group."""
+def _sampler(group: str) -> tuple[str, float, str]:
+    """(sampler, relax lambda, verifier) of a group."""
     if group.startswith("relax"):
-        return "free-relax", float(group[len("relax"):])
-    return {"sequential": "sequential", "frozen": "frozen"}.get(group, "free"), 0.0
+        return "free-relax", float(group[len("relax"):]), "step"
+    sampler = {"sequential": "sequential", "frozen": "frozen"}.get(group, "free")
+    return sampler, 0.0, "block" if group.endswith("-block") else "step"
 
 
-def sample(pipe: Pipeline, group: str, labels: np.ndarray, steps: str, window: int, cfg_scale: float | None) -> dict:
+def sample(pipe: Pipeline, group: str, labels: np.ndarray, steps: str, window: int, cfg_scale: float | None,
+           seed_offset: int = 0) -> dict:
     """One group's chains, recorded transition by transition (numpy round maths)."""
-    sampler, relax = _sampler(group)
+    sampler, relax, verifier = _sampler(group)
     rule = RULES[group]() if group in RULES else nullcontext()
     chains = Chains(Schedule.create(steps).num_steps)
     t0 = time.perf_counter()
     with rule, recording(chains):
-        result = pipe.generate(labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=SEEDS[group],
-                               batch_size=250, window=window, relax=relax, maths="numpy", progress=True)
+        result = pipe.generate(labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=SEEDS[group] + seed_offset,
+                               batch_size=250, window=window, relax=relax, maths="numpy", progress=True,
+                               verifier=verifier)
     keep = ("acceptance", "nfe_speedup", "residual_proposals", "residual_cap_hits", "decided")
     return {"chains": chains, "samples": result.samples, "seconds": time.perf_counter() - t0,
             "summary": {k: result.summary[k] for k in keep if k in result.summary}}
@@ -120,7 +123,7 @@ def final_sample_tests(ref: dict, other: dict, permutations: int) -> dict:
 
 def run(steps: str = "50", n: int = 512, window: int = 4, cfg_scale: float | None = None,
         groups: tuple[str, ...] = LOSSLESS + BIASED, threads: int | None = None, cache: Path | None = None,
-        final_tests: bool = False, permutations: int = 1000) -> dict:
+        final_tests: bool = False, permutations: int = 1000, seed_offset: int = 0) -> dict:
     cache = cache or Path(tempfile.gettempdir()) / "freedit_lossless_power"
     model = default_model_dir()
     shipped = digits_pipeline(model / "drafter.onnx", threads)
@@ -133,10 +136,10 @@ def run(steps: str = "50", n: int = 512, window: int = 4, cfg_scale: float | Non
     if final_tests and "sequential" not in groups:
         groups = ("sequential", *groups)
     report = {"steps": steps, "n": n, "window": window, "cfg_scale": cfg, "alpha": ALPHA, "primary": PRIMARY,
-              "seeds": {g: SEEDS[g] for g in groups}, "poor_drafter_noise": POOR_NOISE, "groups": {}}
+              "seeds": {g: SEEDS[g] + seed_offset for g in groups}, "poor_drafter_noise": POOR_NOISE, "groups": {}}
     finals = {}
     for group in groups:
-        got = sample(poor if group == "free-poor" else shipped, group, labels, steps, window, cfg)
+        got = sample(poor if group == "free-poor" else shipped, group, labels, steps, window, cfg, seed_offset)
         t0 = time.perf_counter()
         test = test_chains(reference, schedule, got["chains"], labels)
         test["p_value"] = combined_p(test)
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-sample-tests", action="store_true",
                         help="also the two-sample tests on the final images (adds a sequential group)")
     parser.add_argument("--permutations", type=int, default=1000, help="of the final-sample tests")
+    parser.add_argument("--seed-offset", type=int, default=0, help="added to every group's seed (an independent "
+                        "repeat of a run)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/lossless_power_50", help="writes OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     check_output_folder(out.parent)
     report = run(args.steps, args.n, args.window, args.cfg_scale, groups, args.threads,
-                 final_tests=args.final_sample_tests, permutations=args.permutations)
+                 final_tests=args.final_sample_tests, permutations=args.permutations, seed_offset=args.seed_offset)
     import onnxruntime
 
     report["command"] = "python -m freedit.benchmarks.lossless_power " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -8,13 +8,13 @@ vector e fixed by the past. That makes an exact test with no reference sample an
 the mean of n projections is N(0, 1 / n) under the null.
 
 The direction is where a biased sampler errs: towards the draft. For every transition the test
-recomputes, with its own ONNX Runtime sessions, the DiT at the parent (mu_q, sigma_q and the real
-features) and at the grandparent (the features the drafter starts from), runs the shipped drafter
-once (position 1 of a window) and takes e = (mu_p - mu_q) / |mu_p - mu_q| in sigma_q units. The
-direction is the same function of the past for every sampler under test, whatever drafter or
-rule that sampler used; the drafts of later window positions differ, but any past-measurable e
-keeps the null exact. A second statistic, sum |z|^2 ~ chi^2 with n E degrees of freedom, covers
-biases across e (e.g. a wrong variance).
+recomputes, with its own ONNX Runtime sessions, the DiT at the parent (mu_q, sigma_q) and at the
+grandparent (the features the drafter starts from; one DiT call per chain state serves both), runs
+the shipped drafter once (position 1 of a window) and takes e = (mu_p - mu_q) / |mu_p - mu_q| in
+sigma_q units. The direction is the same function of the past for every sampler under test, whatever
+drafter or rule that sampler used; the drafts of later window positions differ, but any past-
+measurable e keeps the null exact. A second statistic, sum |z|^2 ~ chi^2 with n E degrees of
+freedom, covers biases across e (e.g. a wrong variance).
 
 ``recording`` captures the committed chain of every sample from the numpy round maths
 (NumpyRoundMaths.commit: the round's start state, each accepted draft state, the committed one);
@@ -115,30 +115,38 @@ class Reference:
         return ops.cfg_combine(eps_v[:n], eps_v[n:], self.cfg_scale, self.info.in_channels, self.info.cfg_mode)
 
     def _dit(self, x, t, labels):
+        """(guided eps_v [n, ...], features [rows per state, n, tokens, hidden]) of states x."""
         y, n = self._rows(labels).astype(np.int64), len(x)
         reps = len(y) // n
         eps_v, feat = self.dit.run(["eps_v", "feat"], {"x": np.tile(x, (reps, 1, 1, 1)), "t": np.tile(t, reps), "y": y})
-        return self._guided(eps_v, n), feat
+        return self._guided(eps_v, n), feat.reshape(reps, n, *feat.shape[1:])
 
-    def directions(self, schedule: Schedule, parents, states, steps, labels):
-        """(mu_q, log var_q, e) of transition ``steps`` from ``states``, whose parents (one step noisier) are
-        ``parents``; e is the unit direction towards the drafter's proposal, in sigma_q units."""
-        fv = self.info.fixed_variance
+    def directions(self, schedule: Schedule, chains: np.ndarray, labels: np.ndarray):
+        """(mu_q, log var_q, e) of transitions 1 .. T - 2 of ``chains`` [S, T + 1, ...] (``chains[:, i]``
+        the state before transition i), rows chain by chain and step by step; e is the unit direction
+        towards the drafter's proposal, in sigma_q units. The DiT runs once per state: a state's
+        features are its child transition's drafter input."""
+        fv, T = self.info.fixed_variance, schedule.num_steps
+        per_chain = max(1, self.chunk // (T - 1))
+        inner = np.arange(T - 2)  # index of transition i = 1 .. T - 2 among the states 1 .. T - 1
         out = []
-        for lo in range(0, len(states), self.chunk):
-            sl = slice(lo, lo + self.chunk)
-            x, xp, st, y = states[sl], parents[sl], steps[sl], labels[sl]
-            t = schedule.timesteps[st].astype(np.float32)
-            t_parent = schedule.timesteps[st + 1].astype(np.float32)
-            eps_q, _ = self._dit(x, t, y)
-            _, feat_parent = self._dit(xp, t_parent, y)
+        for lo in range(0, len(chains), per_chain):
+            block = chains[lo:lo + per_chain, 1:T]  # the states before transitions 1 .. T - 1
+            b = len(block)
+            steps_all = np.tile(np.arange(1, T), b)
+            t_all = schedule.timesteps[steps_all].astype(np.float32)
+            y_all = np.repeat(labels[lo:lo + per_chain], T - 1)
+            eps_all, feat_all = self._dit(block.reshape(b * (T - 1), *block.shape[2:]), t_all, y_all)
+            sel = (np.arange(b)[:, None] * (T - 1) + inner).ravel()
+            x, st, y = block.reshape(b * (T - 1), *block.shape[2:])[sel], steps_all[sel], y_all[sel]
             rows = self._rows(y).astype(np.int64)
             reps = len(rows) // len(x)
-            feeds = {"feat": feat_parent, "x": np.tile(x, (reps, 1, 1, 1)), "t": np.tile(t, reps), "y": rows}
+            feeds = {"feat": feat_all[:, sel + 1].reshape(reps * len(x), *feat_all.shape[2:]),
+                     "x": np.tile(x, (reps, 1, 1, 1)), "t": np.tile(t_all[sel], reps), "y": rows}
             if "t_feat" in self.drafter_inputs:
-                feeds["t_feat"] = np.tile(t_parent, reps)
+                feeds["t_feat"] = np.tile(t_all[sel + 1], reps)
             (eps_p,) = self.drafter.run(["eps_v"], feeds)
-            mq, lvq = ops.transition(schedule, x, eps_q, st, fv)
+            mq, lvq = ops.transition(schedule, x, eps_all[sel], st, fv)
             mp, _ = ops.transition(schedule, x, self._guided(eps_p, len(x)), st, fv)
             d = ((mp - mq) * np.exp(-0.5 * lvq)).reshape(len(x), -1)
             e = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-30)
@@ -155,13 +163,10 @@ def standardized(reference: Reference, schedule: Schedule, chains: Chains, label
     a = chains.array(samples)
     steps = np.arange(1, chains.num_steps - 1)
     S, K = len(samples), len(steps)
-    parents = a[:, steps + 1].reshape(S * K, *a.shape[2:])
-    states = a[:, steps].reshape(S * K, *a.shape[2:])
     nxt = a[:, steps - 1].reshape(S * K, -1)
-    st = np.tile(steps, S)
-    mq, lvq, e = reference.directions(schedule, parents, states, st, np.repeat(labels[samples], K))
+    mq, lvq, e = reference.directions(schedule, a, labels[samples])
     z = (nxt.astype(np.float64) - mq) * np.exp(-0.5 * lvq.astype(np.float64))
-    return {"sample": np.repeat(samples, K), "step": st, "z": z, "e": e}
+    return {"sample": np.repeat(samples, K), "step": np.tile(steps, S), "z": z, "e": e}
 
 
 def test_chains(reference: Reference, schedule: Schedule, chains: Chains, labels: np.ndarray) -> dict:

@@ -120,7 +120,8 @@ def _generate(args: argparse.Namespace) -> int:
     pipe.validate(labels, seed=args.seed, **pipe.resolve(**settings), extra_bytes=written)
     result = pipe.generate(labels, seed=args.seed, **settings, progress=not args.no_progress,
                            decode_batch_size=args.decode_batch_size, micro_batches=args.micro_batches,
-                           maths=args.maths, graphs=not args.no_graphs, relax_score=args.relax_score)
+                           maths=args.maths, graphs=not args.no_graphs, relax_score=args.relax_score,
+                           verifier=args.verifier)
     files = {}
     if images:
         ncol = args.per_class if args.per_class > 1 else min(10, len(labels))
@@ -534,7 +535,7 @@ def _read_token(path: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from freedit.runtime import limits as lim
-    from freedit.runtime.contract import RELAX_SCORES
+    from freedit.runtime.contract import RELAX_SCORES, VERIFIERS
 
     parser = OneLineParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -556,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--relax-score", choices=RELAX_SCORES, default=None,
                    help="what FREE (relax) tempers by: gap (the draft's distance from the DiT's transition mean, in "
                    "its standard deviations) or variance (the DiT's learned variance); default: the model's")
+    g.add_argument("--verifier", choices=VERIFIERS, default=None,
+                   help="how FREE verifies a window: step (up to the first rejection) or block (the whole window "
+                   "jointly: as exact, commits at least as many drafts); default: the model's")
     g.add_argument("--steps", type=steps_arg, default=None, help="step count 1..1000 (e.g. 250) or DiT spacing "
                    "('ddim50', '10,20,30'); default: the model's, 250 for the bundled model")
     g.add_argument("--cfg-scale", type=bounded(ascii_float, "cfg scale", 0, lim.MAX_CFG_SCALE, " (1 = no guidance)"),

@@ -59,6 +59,10 @@ CFG_MODES = ("reference", "all")
 #: transition means in the DiT's standard deviations (what the exact test's acceptance falls with);
 #: "variance", where the DiT's learned variance sits in the schedule's range (the first rule).
 RELAX_SCORES = ("gap", "variance")
+#: How a round's drafts are verified (DESIGN §3.3): "step", position by position up to the first
+#: rejection; "block", the whole window jointly (Sun et al. 2024; for diffusions Soen et al. 2026),
+#: which commits at least as many drafts in expectation and is as exact.
+VERIFIERS = ("step", "block")
 #: Bounds of the metadata's integers: generous for any DiT, small enough to refuse nonsense before
 #: anything is sized from them.
 INFO_BOUNDS = {"input_size": (1, 4096), "in_channels": (1, 256), "patch_size": (1, 256), "hidden_size": (1, 65536),

@@ -1,8 +1,10 @@
-"""Counter-based noise keyed by (seed, sample, step, purpose).
+"""Counter-based noise keyed by (seed, sample, step, purpose[, stream]).
 
 Philox4x32-10 (Salmon et al., SC'11) in vectorised numpy, so that the CUDA kernels can
 reproduce the same bits: a draw depends only on its key, never on batch composition or on how
 many numbers were drawn before it. Gaussians come from Box-Muller on pairs of uniforms.
+The optional ``stream`` (< 2^16, in the high half of the step word; 0 = the plain key) separates
+draws about the same transition made by different rounds (block verification, DESIGN §3.3.1).
 """
 from __future__ import annotations
 
@@ -43,13 +45,22 @@ def philox4x32(counters: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack(c, axis=-1).astype(np.uint32)
 
 
-def _blocks(seed: int, samples: np.ndarray, step, purpose, count: int) -> np.ndarray:
-    """[rows, 4*ceil(count/4)] uint32 of raw bits; counter = (block, sample, step, purpose).
+#: Steps and streams share the counter's third word: step in the low half, stream in the high half.
+STREAM_SHIFT = 16
 
-    ``step`` and ``purpose`` are scalars or one value per row.
+
+def _blocks(seed: int, samples: np.ndarray, step, purpose, count: int, stream=0) -> np.ndarray:
+    """[rows, 4*ceil(count/4)] uint32 of raw bits; counter = (block, sample, step | stream << 16, purpose).
+
+    ``step``, ``purpose`` and ``stream`` are scalars or one value per row.
     """
     samples = np.asarray(samples, dtype=np.uint64).reshape(-1)
     steps = np.broadcast_to(np.asarray(step, dtype=np.uint64), samples.shape)
+    streams = np.broadcast_to(np.asarray(stream, dtype=np.uint64), samples.shape)
+    if streams.any():  # stream 0 leaves the step word as it was (any uint32, wrapped)
+        if (steps >> np.uint64(STREAM_SHIFT)).any() or (streams >> np.uint64(STREAM_SHIFT)).any():
+            raise ValueError("noise keys with a stream hold steps and streams below 2**16")
+        steps = steps | (streams << np.uint64(STREAM_SHIFT))
     purposes = np.broadcast_to(np.asarray(purpose, dtype=np.uint64), samples.shape)
     n_blocks = (count + 3) // 4
     counters = np.empty((len(samples), n_blocks, 4), dtype=np.uint32)
@@ -62,16 +73,16 @@ def _blocks(seed: int, samples: np.ndarray, step, purpose, count: int) -> np.nda
     return bits.reshape(len(samples), -1)
 
 
-def uniform(seed: int, samples, step, purpose, count: int) -> np.ndarray:
+def uniform(seed: int, samples, step, purpose, count: int, stream=0) -> np.ndarray:
     """[rows, count] float64 uniforms in (0, 1), one row per sample index."""
-    bits = _blocks(seed, samples, step, purpose, count)[:, :count]
+    bits = _blocks(seed, samples, step, purpose, count, stream)[:, :count]
     return (bits.astype(np.float64) + 0.5) * 2.0**-32
 
 
-def normal(seed: int, samples, step, purpose, shape: tuple[int, ...]) -> np.ndarray:
+def normal(seed: int, samples, step, purpose, shape: tuple[int, ...], stream=0) -> np.ndarray:
     """[rows, *shape] float32 standard normals (Box-Muller), one row per sample index."""
     count = int(np.prod(shape))
-    u = uniform(seed, samples, step, purpose, count + (count & 1))
+    u = uniform(seed, samples, step, purpose, count + (count & 1), stream)
     u1, u2 = u[:, 0::2], u[:, 1::2]
     radius = np.sqrt(-2.0 * np.log(u1))
     z = np.empty_like(u)

@@ -23,7 +23,7 @@ from freedit.runtime.limits import (MAX_BATCH_SIZE, MAX_CFG_SCALE, MAX_IMAGES, M
 from freedit.runtime.images import make_grid, to_uint8
 from freedit.runtime.contract import ContractError
 from freedit.runtime.overlap import Timeline
-from freedit.runtime.round import ENGINE_IO, RELAX_SCORES, RoundRunner, RoundSettings, RoundSpec, check_capacity
+from freedit.runtime.round import ENGINE_IO, RELAX_SCORES, VERIFIERS, RoundRunner, RoundSettings, RoundSpec, check_capacity
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 
 SAMPLERS = ("free", "free-relax", "frozen", "sequential", "ddim")
@@ -111,6 +111,24 @@ def check_relax_score(value) -> str:
     return value
 
 
+def check_verifier(value, relax: float = 0.0) -> str:
+    """A verifier name; block verification is exact-only, so it is refused beside relax > 0."""
+    if not isinstance(value, str) or value not in VERIFIERS:
+        raise ValueError(f"unknown verifier {value!r}; choose one of {', '.join(VERIFIERS)}")
+    if value == "block" and relax > 0:
+        raise ValueError("block verification is exact-only: it does not combine with free-relax; use "
+                         "verifier 'step' for relax")
+    return value
+
+
+def resolve_verifier(requested, default: str, relax: float) -> str:
+    """The verifier of a call: the one asked for (checked), else the model's default, except that
+    relax (exact-only block verification does not combine with it) falls back to "step"."""
+    if requested is not None:
+        return check_verifier(requested, relax)
+    return "step" if relax > 0 else check_verifier(default)
+
+
 #: pipeline.json: key -> check of its value (the model's defaults; ``checkpoints`` names the weights
 #: files of the torch backend inside the model folder).
 DEFAULTS_SCHEMA = {
@@ -121,6 +139,7 @@ DEFAULTS_SCHEMA = {
     "window": lambda v: check_int("window length L", v, 1, MAX_WINDOW),
     "relax": lambda v: check_number("relax lambda", v, 0.0, MAX_RELAX),
     "relax_score": check_relax_score,
+    "verifier": check_verifier,
     "decode_batch_size": check_decode_batch,
     "checkpoints": _check_checkpoints,
 }
@@ -169,7 +188,7 @@ class Pipeline:
         if self.decoder is not None:
             check_decoder_matches(self.info, self.decoder, source)
         self.defaults = {"sampler": "free" if self.has_drafter else "sequential", "steps": 250, "cfg_scale": 1.0,
-                         "batch_size": 64, "window": 6, "relax": 0.5, "relax_score": "gap",
+                         "batch_size": 64, "window": 6, "relax": 0.5, "relax_score": "gap", "verifier": "step",
                          "decode_batch_size": 4, **(defaults or {})}
         self.source = source
         self._context = None  # the round's maths and workspaces, allocated on first use
@@ -261,14 +280,18 @@ class Pipeline:
                  cfg_scale: float | None = None, seed: int = 0, batch_size: int | None = None, window: int | None = None,
                  relax: float | None = None, progress: bool = False, micro_batches: int = 1,
                  window_schedule=None, maths: str = "auto", graphs: bool | None = None, decode: bool = True,
-                 decode_batch_size: int | None = None, relax_score: str | None = None) -> GenerationResult:
+                 decode_batch_size: int | None = None, relax_score: str | None = None,
+                 verifier: str | None = None) -> GenerationResult:
         """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
 
         ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
         accept test, ``relax`` = lambda, ``relax_score`` = what u measures: "gap"
         or "variance", DESIGN §3.4), "frozen" (training-free drafter), "sequential" (DDPM), "ddim".
-        ``window`` is FREE's draft length L. ``micro_batches`` > 1 (speculative samplers) keeps that
-        many batches of ``batch_size`` in flight, one drafting while another verifies.
+        ``verifier``: how a window is verified, "step" (up to the first rejection) or "block" (the
+        whole window jointly: as exact, commits at least as much; DESIGN §3.3.1); default: the
+        model's for lossless samplers, "step" for free-relax. ``window`` is FREE's draft length L.
+        ``micro_batches`` > 1 (speculative samplers) keeps that many batches of ``batch_size`` in
+        flight, one drafting while another verifies.
         ``window_schedule``: L per respaced step (e.g. runtime/adaptive.py's choice) instead of one L.
         ``maths``: where the round's maths runs: "numpy" (host), "device" (the CUDA kernels; on a
         machine without a GPU, their host emulation), "auto" (device for GPU backends, else numpy).
@@ -281,6 +304,7 @@ class Pipeline:
         labels, spacing = self.validate(class_labels, seed=seed, **settings)
         cfg_scale, relax = float(cfg_scale), float(relax)  # checked real numbers (bools and strings refused)
         relax_score = check_relax_score(self.defaults["relax_score"] if relax_score is None else relax_score)
+        verifier = resolve_verifier(verifier, self.defaults["verifier"], relax)
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
             raise ValueError(f"micro batches must be an integer >= 1, got {micro_batches!r}")
         if micro_batches > 1 and sampler not in SPECULATIVE:
@@ -305,7 +329,8 @@ class Pipeline:
                          drafter=drafter, t_feat=drafter == "free" and "t_feat" in self.backend.inputs("drafter"),
                          fixed_variance=self.info.fixed_variance)
         settings = RoundSettings(schedule, int(seed), cfg_scale, window if window_schedule is None else 0,
-                                 window_schedule, relax, ddim=sampler == "ddim", relax_score=relax_score)
+                                 window_schedule, relax, ddim=sampler == "ddim", relax_score=relax_score,
+                                 verifier=verifier if speculative else "step")
         kind = self._maths_kind(maths)
         check_capacity({e: self.backend.max_rows(e) for e in spec.engine_rows()}, spec, self.source or self.backend.name)
         context = self._round_context(kind, spec, micro_batches)
@@ -348,7 +373,7 @@ class Pipeline:
                         "precision": getattr(self.backend, "precision", None) or "fp32"}
         if speculative:
             settings_out.update(window=window if window_schedule is None else "schedule", relax=relax,
-                                **({"relax_score": relax_score} if relax > 0 else {}),
+                                **({"relax_score": relax_score} if relax > 0 else {}), verifier=verifier,
                                 micro_batches=int(micro_batches))
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from freedit.errors import CapacityError, ModelOutputError
-from freedit.runtime.contract import RELAX_SCORES, ModelInfo  # noqa: F401  (RELAX_SCORES: part of the round API)
+from freedit.runtime.contract import RELAX_SCORES, VERIFIERS, ModelInfo  # noqa: F401  (RELAX_SCORES: part of the round API)
 from freedit.runtime.schedule import Schedule
 
 #: Residual proposals: the attempt number goes in the high bits of the noise purpose.
@@ -144,6 +144,11 @@ class RoundSettings:
     relax: float = 0.0
     ddim: bool = False
     relax_score: str = "gap"  # one of RELAX_SCORES: what relax's u measures (DESIGN §3.4)
+    verifier: str = "step"  # one of VERIFIERS (DESIGN §3.3, §3.3.1)
+
+    @property
+    def block(self) -> bool:
+        return self.verifier == "block"
 
     def window_at(self, steps: np.ndarray) -> np.ndarray:
         return self.window_schedule[steps] if self.window_schedule is not None else np.full_like(steps, self.window)
@@ -278,6 +283,10 @@ class RoundRunner:
         n = settings.schedule.num_steps
         if spec.drafter is None and (settings.window or settings.window_schedule is not None):
             raise ValueError("a sampler without a drafter has an empty window")
+        if settings.verifier not in VERIFIERS:
+            raise ValueError(f"unknown verifier {settings.verifier!r}; choose one of {', '.join(VERIFIERS)}")
+        if settings.block and settings.relax > 0:
+            raise ValueError("block verification is exact-only: it does not combine with relax (lambda > 0)")
         longest = settings.window if settings.window_schedule is None else int(np.max(settings.window_schedule))
         if longest > spec.max_window:
             raise CapacityError(f"window {longest} exceeds the workspace's {spec.max_window}")

@@ -16,7 +16,7 @@ import numpy as np
 from freedit.runtime.device import D2H, H2D, Device, DeviceBuffer
 from freedit.runtime.kernels import VARIANCE_CODES, CudaError, KernelsMismatch
 from freedit.runtime.ops import guided_channels
-from freedit.runtime.round import RELAX_SCORES, RoundMaths, RoundSettings, RoundSpec, Workspace, layout
+from freedit.runtime.round import RELAX_SCORES, VERIFIERS, RoundMaths, RoundSettings, RoundSpec, Workspace, layout
 from freedit.runtime.streams import DeviceLane
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -32,7 +32,7 @@ _POINTERS = ("window_table", "table", "timesteps", "ddim_table", "relax_table", 
 class RoundDescriptor(ctypes.Structure):
     _fields_ = [(name, _I) for name in ("slots", "max_window", "max_rows", "channels", "pixels", "out_channels",
                                         "variance", "guided", "guided_channels", "num_steps", "feat_row_bytes", "ddim",
-                                        "window", "results_rows", "relax_score")] + \
+                                        "window", "results_rows", "relax_score", "verifier")] + \
                [("cfg_scale", _F), ("relax", _F), ("null_label", ctypes.c_longlong), ("seed", ctypes.c_ulonglong)] + \
                [(name, _P) for name in _POINTERS]
 
@@ -135,6 +135,7 @@ class DeviceRoundMaths(RoundMaths):
         d.num_steps, d.window, d.ddim = n, int(settings.window), int(settings.ddim)
         d.cfg_scale, d.relax, d.seed = float(settings.cfg_scale), float(settings.relax), int(settings.seed)
         d.relax_score = RELAX_SCORES.index(settings.relax_score)  # FREEDIT_RELAX_GAP = 0, _VARIANCE = 1
+        d.verifier = VERIFIERS.index(settings.verifier)  # FREEDIT_VERIFY_STEP = 0, _BLOCK = 1
         ws.settings = settings
         self._drop_graphs(ws)  # captured graphs hold the old scalars
 

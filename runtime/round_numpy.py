@@ -74,6 +74,12 @@ class NumpyRoundMaths(RoundMaths):
     def _shape(ws):
         return ws.spec.state_shape
 
+    @staticmethod
+    def _stream(ws, slots: np.ndarray) -> np.ndarray | int:
+        """Block verification keys a round's draws by its start step too: a failed block's drafts and
+        residual proposals depend on the decision made, so a later round must not reuse them."""
+        return ws["step"][slots].astype(np.int64) + 1 if ws.settings.block else 0
+
     def _guided(self, ws, eps_v: np.ndarray, n: int) -> np.ndarray:
         """Guided model output of n states from rows [cond n; null n] (ops.cfg_combine)."""
         if not ws.spec.guided:
@@ -145,7 +151,7 @@ class NumpyRoundMaths(RoundMaths):
         slots, st, dst = ws["row_slot"][src], ws["row_step"][src], src + 1
         eps_v = ws["parent_eps"][slots] if frozen else self._guided(ws, ws["d_eps"], n)
         mp, lvp = ops.transition(s.schedule, ws["v_x"][src], eps_v, st, spec.fixed_variance)
-        z = noise.normal(s.seed, ws["sample"][slots], st, noise.Purpose.DRAFT, self._shape(ws))
+        z = noise.normal(s.seed, ws["sample"][slots], st, noise.Purpose.DRAFT, self._shape(ws), self._stream(ws, slots))
         x = (mp + np.exp(0.5 * lvp) * z).astype(np.float32)
         ws["mean_p"][dst], ws["log_var_p"][dst] = mp.reshape(n, -1), lvp.reshape(n, -1)
         for half in range(spec.rows_per_state):
@@ -172,6 +178,8 @@ class NumpyRoundMaths(RoundMaths):
         x = ws["v_x"][draft].reshape(len(draft), -1)
         ws["log_r"][draft] = coupling.log_ratio(x, ws["mean_p"][draft], ws["log_var_p"][draft], ws["mean_q"][q],
                                                 ws["log_var_q"][q])
+        if s.block:  # block verification draws its own uniforms, per level (commit)
+            return
         ws["uniform"][draft] = noise.uniform(s.seed, ws["sample"][slots], st, noise.Purpose.ACCEPT, 1)[:, 0]
         ws["gamma"][draft] = relax_gamma(s, ws["mean_p"][draft], ws["log_var_p"][draft], ws["mean_q"][q],
                                          ws["log_var_q"][q], st)
@@ -182,40 +190,9 @@ class NumpyRoundMaths(RoundMaths):
         live = np.flatnonzero(ws["window_of"] >= 0)
         w, first, start = ws["window_of"][live], ws["first_row"][live], ws["step"][live].astype(np.int64)
         samples = ws["sample"][live]
-        # accept test of every draft row (coupling.accept), then each slot's first rejection
-        accepted = np.zeros(len(live), dtype=np.int64)
-        if w.max(initial=0) > 0:
-            draft = np.flatnonzero(ws["row_pos"][:rows] >= 1)
-            ok = np.zeros(rows, dtype=bool)
-            ok[draft] = coupling.accept(ws["log_r"][draft], ws["uniform"][draft], ws["gamma"][draft])
-            for j in range(len(live)):
-                run = ok[first[j] + 1:first[j] + 1 + w[j]]
-                accepted[j] = len(run) if run.all() else int(np.argmin(run))
         x_new = np.empty((len(live), *shape), dtype=np.float32)
-        proposals = np.zeros(len(live), dtype=np.int64)
-        caps = np.zeros(len(live), dtype=bool)
-        rejected = np.flatnonzero(accepted < w)
-        if len(rejected):  # the residual (q - p)^+ of the rejected transition
-            d = first[rejected] + accepted[rejected] + 1
-            q = d - 1
-            st = ws["row_step"][q]
-            mp, lvp, mq, lvq = ws["mean_p"][d], ws["log_var_p"][d], ws["mean_q"][q], ws["log_var_q"][q]
-            same = coupling.equal_variance(lvp, lvq)
-            if same.any():
-                x_new[rejected[same]] = coupling.reflect(ws["v_x"][d[same]], mp[same].reshape(-1, *shape),
-                                                         mq[same].reshape(-1, *shape), lvq[same].reshape(-1, *shape))
-            other = np.flatnonzero(~same)
-            if len(other):
-                keys, key_steps = samples[rejected[other]], st[other]
-
-                def draw(r, attempts):
-                    purpose = attempts.astype(np.int64) << ATTEMPT_SHIFT
-                    return (noise.normal(s.seed, keys[r], key_steps[r], noise.Purpose.RESIDUAL + purpose, mq.shape[1:]),
-                            noise.uniform(s.seed, keys[r], key_steps[r], noise.Purpose.RESIDUAL_ACCEPT + purpose, 1)[:, 0])
-
-                out, props, cap = coupling.sample_residual(mp[other], lvp[other], mq[other], lvq[other], draw)
-                x_new[rejected[other]] = out.reshape(-1, *shape)
-                proposals[rejected[other]], caps[rejected[other]] = props, cap
+        verify = self._verify_block if s.block else self._verify_steps
+        accepted, proposals, caps = verify(ws, rows, live, x_new)
         bonus = np.flatnonzero(accepted == w)
         if len(bonus):  # the whole window passed: one exact step from q at x~_w
             b = first[bonus] + w[bonus]
@@ -240,6 +217,75 @@ class NumpyRoundMaths(RoundMaths):
         report[live, 3] |= np.where(caps, FLAG_CAP_HIT, 0).astype(np.int32)
         done = new_step < 0
         ws["results"][samples[done]] = x_new[done]
+
+    def _verify_steps(self, ws, rows, live, x_new):
+        """Per-step verification (DESIGN §3.2): each slot's first rejected draft is replaced by a
+        residual sample into ``x_new``; returns (accepted drafts, residual proposals, cap hits)."""
+        s, shape = ws.settings, self._shape(ws)
+        w, first, samples = ws["window_of"][live], ws["first_row"][live], ws["sample"][live]
+        accepted = np.zeros(len(live), dtype=np.int64)
+        if w.max(initial=0) > 0:  # accept test of every draft row (coupling.accept), then each slot's first rejection
+            draft = np.flatnonzero(ws["row_pos"][:rows] >= 1)
+            ok = np.zeros(rows, dtype=bool)
+            ok[draft] = coupling.accept(ws["log_r"][draft], ws["uniform"][draft], ws["gamma"][draft])
+            for j in range(len(live)):
+                run = ok[first[j] + 1:first[j] + 1 + w[j]]
+                accepted[j] = len(run) if run.all() else int(np.argmin(run))
+        proposals = np.zeros(len(live), dtype=np.int64)
+        caps = np.zeros(len(live), dtype=bool)
+        rejected = np.flatnonzero(accepted < w)
+        if len(rejected):  # the residual (q - p)^+ of the rejected transition
+            d = first[rejected] + accepted[rejected] + 1
+            q = d - 1
+            st = ws["row_step"][q]
+            mp, lvp, mq, lvq = ws["mean_p"][d], ws["log_var_p"][d], ws["mean_q"][q], ws["log_var_q"][q]
+            same = coupling.equal_variance(lvp, lvq)
+            if same.any():
+                x_new[rejected[same]] = coupling.reflect(ws["v_x"][d[same]], mp[same].reshape(-1, *shape),
+                                                         mq[same].reshape(-1, *shape), lvq[same].reshape(-1, *shape))
+            other = np.flatnonzero(~same)
+            if len(other):
+                draw = self._residual_draw(s, samples[rejected[other]], st[other], 0, mq.shape[1:])
+                out, props, cap = coupling.sample_residual(mp[other], lvp[other], mq[other], lvq[other], draw)
+                x_new[rejected[other]] = out.reshape(-1, *shape)
+                proposals[rejected[other]], caps[rejected[other]] = props, cap
+        return accepted, proposals, caps
+
+    def _verify_block(self, ws, rows, live, x_new):
+        """Block verification (DESIGN §3.3.1, coupling.block_verify), same returns as
+        ``_verify_steps``: all drafts stand with probability w_L, else levels L-1 .. 0 in turn end
+        the round with a sample of the residual of w_i q - p or pass on with probability 1 - w_i."""
+        s = ws.settings
+        w, first, samples = ws["window_of"][live].astype(np.int64), ws["first_row"][live], ws["sample"][live]
+        stream = ws["step"][live].astype(np.int64) + 1
+        K = int(w.max(initial=0))
+        pos = np.arange(1, K + 1)
+        log_r = ws["log_r"][np.minimum(first[:, None] + pos, rows - 1)] if K else np.zeros((len(live), 0))
+        u = noise.uniform(s.seed, samples, ws["row_step"][first + w], noise.Purpose.ACCEPT, 1, stream)[:, 0]
+
+        def level(todo, i, log_w):
+            d = first[todo] + i + 1
+            q = d - 1
+            mq = ws["mean_q"][q]
+            draw = self._residual_draw(s, samples[todo], ws["row_step"][q], stream[todo], mq.shape[1:])
+            return coupling.sample_residual(ws["mean_p"][d], ws["log_var_p"][d], mq, ws["log_var_q"][q], draw,
+                                            log_weight=log_w)
+
+        return coupling.block_verify(np.where(pos <= w[:, None], log_r, 0.0), w, u, level,
+                                     x_new.reshape(len(live), -1))
+
+    @staticmethod
+    def _residual_draw(s, keys, key_steps, stream, shape):
+        """Residual proposals' noise (z, u) of attempt ``attempts[j]`` of row ``r[j]``, keyed."""
+        stream = np.broadcast_to(np.asarray(stream, dtype=np.int64), np.shape(keys))
+
+        def draw(r, attempts):
+            purpose = attempts.astype(np.int64) << ATTEMPT_SHIFT
+            return (noise.normal(s.seed, keys[r], key_steps[r], noise.Purpose.RESIDUAL + purpose, shape, stream[r]),
+                    noise.uniform(s.seed, keys[r], key_steps[r], noise.Purpose.RESIDUAL_ACCEPT + purpose, 1,
+                                  stream[r])[:, 0])
+
+        return draw
 
     def fetch_report(self, ws, lane) -> None:
         """Host memory already."""

@@ -44,7 +44,8 @@ from starlette.exceptions import HTTPException
 from freedit.runtime.images import png_bytes
 from freedit.runtime.limits import MAX_CFG_SCALE, MAX_RELAX, MAX_WINDOW
 from freedit.runtime.outputs import json_safe
-from freedit.runtime.pipeline import SAMPLERS, SPECULATIVE, speculative_summary
+from freedit.runtime.contract import RELAX_SCORES, VERIFIERS
+from freedit.runtime.pipeline import SAMPLERS, SPECULATIVE, resolve_verifier, speculative_summary
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 
 import ray
@@ -77,6 +78,9 @@ class GenerateRequest(BaseModel):
                                       description="omit to let the server pick one (and batch freely)")
     window: Optional[StrictInt] = Field(None, ge=1, le=MAX_WINDOW, description="FREE's draft window L")
     relax: Optional[float] = Field(None, ge=0, le=MAX_RELAX, allow_inf_nan=False, description="free-relax lambda")
+    relax_score: Optional[Literal[RELAX_SCORES]] = Field(None, description="what free-relax tempers by (DESIGN §3.4)")
+    verifier: Optional[Literal[VERIFIERS]] = Field(None, description="step or block verification of FREE's window "
+                                                   "(DESIGN §3.3.1)")
     format: Literal["base64", "multipart"] = Field("base64",
                                                    description="PNGs as base64 in JSON, or multipart/mixed parts")
 
@@ -202,7 +206,7 @@ class _Job:
 
     labels: list[int]
     seed: Optional[int]
-    settings: dict  # sampler, steps, cfg_scale, window, relax: resolved, so equal means "same call"
+    settings: dict  # sampler, steps, cfg_scale, window, relax (+ relax_score, verifier): resolved, so equal means "same call"
 
     @property
     def key(self) -> tuple:
@@ -350,6 +354,13 @@ class FreeditServer:
         steps = Schedule.create(spacing).num_steps  # the model's default may be a spacing such as 'ddim50'
         if steps > cfg.max_steps:
             raise ServeError(422, f"steps: at most {cfg.max_steps} on this server, got {steps}")
+        if sampler == "free-relax":
+            settings["relax_score"] = req.relax_score or d["relax_score"]
+        if sampler in SPECULATIVE:
+            try:
+                settings["verifier"] = resolve_verifier(req.verifier, d["verifier"], settings["relax"])
+            except ValueError as exc:
+                raise ServeError(422, f"verifier: {exc}") from None
         return _Job(list(req.class_labels), req.seed, settings)
 
     def _batch_size(self) -> int:

@@ -19,6 +19,7 @@ import pytest
 from scipy import integrate, stats
 
 from analytic_model import AnalyticBackend
+from freedit.benchmarks.biased_rules import unclipped_block_weights
 from freedit.runtime import coupling
 from freedit.runtime.pipeline import Pipeline
 from freedit.runtime.schedule import Schedule
@@ -439,23 +440,48 @@ def test_free_with_equal_covariance_drafter(labels, schedule):
     assert not fails, fails
 
 
+@pytest.mark.parametrize("sampler", ["free", "frozen"])
+def test_block_verification_matches_closed_form_and_commits_more(backend, pipe, labels, schedule, sampler):
+    """DESIGN §3.3.1: the same law as per-step verification, in fewer target calls."""
+    step = generate(pipe, labels, sampler)
+    block = generate(pipe, labels, sampler, verifier="block")
+    s = block.summary
+    assert block.settings["verifier"] == "block" and s["residual_cap_hits"] == 0, s
+    assert s["decided"] - s["accepted"] > 1000, s  # levels below the top were sampled, often
+    assert s["mean_target_calls"] < 0.98 * step.summary["mean_target_calls"], (s, step.summary)
+    fails = law_failures(backend, schedule, block.samples, labels)
+    assert not fails, fails
+
+
+def test_block_verification_with_equal_covariances(labels, schedule):
+    """Equal covariances (no reflection under block verification: every level is the rejection sampler)."""
+    backend = AnalyticBackend(drafter_v_offset=0.0)
+    pipe = Pipeline(backend, {"steps": STEPS, "cfg_scale": CFG, "window": WINDOW, "batch_size": N})
+    result = pipe.generate(labels, sampler="free", seed=SEED + 3, verifier="block")
+    assert result.summary["residual_cap_hits"] == 0 and result.summary["residual_proposals"] > 1000
+    fails = law_failures(backend, schedule, result.samples, labels)
+    assert not fails, fails
+
+
+#: variant -> (coupling patches, generate arguments, acceptance it must exceed)
 BIASED = {
-    "relax-lambda-1000": ({}, dict(sampler="free-relax", relax=1000.0)),
+    "relax-lambda-1000": ({}, dict(sampler="free-relax", relax=1000.0), 0.95),
     "accept-every-draft": (dict(accept=lambda log_r, u, gamma=1.0: np.ones(len(log_r), dtype=bool)),
-                           dict(sampler="free")),
-    "residual-from-q": (dict(sample_residual=_residual_from_q), dict(sampler="free")),
+                           dict(sampler="free"), 0.95),
+    "residual-from-q": (dict(sample_residual=_residual_from_q), dict(sampler="free"), 0.7),
+    "block-unclipped-weights": (dict(block_weights=unclipped_block_weights), dict(sampler="free", verifier="block"), 0.8),
 }
 
 
 @pytest.mark.parametrize("variant", list(BIASED))
 def test_biased_variants_are_rejected(backend, pipe, labels, schedule, monkeypatch, variant):
-    """Power: accepting (nearly) every draft, or drawing the residual from q instead of (q - p)^+,
-    changes the law of x_0; the same end-to-end test sees it."""
-    patches, kw = BIASED[variant]
+    """Power: accepting (nearly) every draft, drawing the residual from q instead of (q - p)^+, or
+    block weights not clipped at 1 change the law of x_0; the same end-to-end test sees it."""
+    patches, kw, acceptance = BIASED[variant]
     for name, fn in patches.items():
         monkeypatch.setattr(coupling, name, fn)
     result = pipe.generate(labels, seed=SEED, **kw)
-    assert result.summary["acceptance"] > (0.95 if patches.get("sample_residual") is None else 0.7)
+    assert result.summary["acceptance"] > acceptance
     assert law_failures(backend, schedule, result.samples, labels), f"{variant} went unnoticed"
 
 
@@ -477,7 +503,7 @@ def test_relax_zero_is_bit_identical_to_free(pipe, labels):
 
 
 @pytest.mark.parametrize("sampler,kw", [("sequential", {}), ("free", {}), ("frozen", {}),
-                                        ("free-relax", {"relax": 0.5})])
+                                        ("free-relax", {"relax": 0.5}), ("free", {"verifier": "block"})])
 def test_batch_size_does_not_change_samples(backend, sampler, kw):
     pipe = Pipeline(backend, {"steps": "25", "cfg_scale": CFG, "window": WINDOW})
     labels = np.arange(40) % 3
@@ -496,3 +522,44 @@ def test_low_tv_drafter_never_hits_the_cap():
     result = Pipeline(AnalyticBackend(drafter_eps_bias=+0.08)).generate(
         np.arange(3000) % 3, sampler="free", steps="50", cfg_scale=2.0, seed=1, batch_size=3000, window=4)
     assert result.summary["residual_cap_hits"] == 0
+
+
+# =================================================================================================
+# (c) Every committed transition of the analytic chain against its closed-form law
+# =================================================================================================
+def _analytic_transition_z(verifier: str, rule: str | None = None, n: int = 2000) -> tuple[float, float]:
+    """(z-score of the mean of sum(z)/sqrt(E), chi-square p of sum |z|^2) over every committed
+    transition 1..T-2 of 100-step chains (L = 8), z = (x' - a x - b) / sigma from step_law. The
+    analytic drafter's error has one sign on every element, so sum(z) is the direction a bias takes."""
+    from contextlib import nullcontext
+
+    from freedit.benchmarks.biased_rules import RULES
+    from freedit.benchmarks.transition_test import Chains, recording
+
+    backend = AnalyticBackend()
+    pipe = Pipeline(backend, {"steps": "100", "cfg_scale": CFG, "window": 8, "batch_size": n})
+    labels, schedule = np.arange(n) % 3, Schedule.create("100")
+    chains = Chains(schedule.num_steps)
+    with (RULES[rule]() if rule else nullcontext()), recording(chains):
+        pipe.generate(labels, sampler="free", seed=SEED + 7, verifier=verifier, maths="numpy")
+    a = chains.array(chains.complete()).astype(np.float64)
+    z = []
+    for i in range(1, schedule.num_steps - 1):
+        for y in range(3):
+            slope, offset, log_var = backend.step_law(schedule, i, y, CFG)
+            rows = a[labels == y]
+            z.append(((rows[:, i - 1] - slope * rows[:, i] - offset) * np.exp(-0.5 * log_var)).reshape(len(rows), -1))
+    z = np.concatenate(z)
+    proj = z.sum(axis=1) / np.sqrt(z.shape[1])
+    return float(proj.mean() * np.sqrt(len(proj))), float(stats.chi2.sf((z ** 2).sum(), z.size))
+
+
+@pytest.mark.parametrize("verifier", ["step", "block"])
+def test_every_committed_transition_has_the_closed_form_law(verifier):
+    """Per transition, not only at x_0 (DESIGN §3.4.1's test with the exact law in hand): step and
+    block verification pass; gamma 0.9 (step) and unclipped block weights are rejected by the same
+    statistic at the same size."""
+    z, chi_p = _analytic_transition_z(verifier)
+    assert abs(z) < 3.5 and 1e-4 < chi_p < 1 - 1e-4, (z, chi_p)
+    biased, _ = _analytic_transition_z(verifier, "gamma0.9" if verifier == "step" else "block-unclipped")
+    assert biased > 6, biased

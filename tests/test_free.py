@@ -55,8 +55,36 @@ def test_relax_zero_is_lossless_bit_for_bit(free_pipe):
     assert not np.array_equal(gap.samples, var.samples)  # the score reaches the decisions
 
 
+def test_block_verifier_reaches_the_round_and_is_batch_independent(free_pipe):
+    step = free_pipe.generate([0, 1, 2, 3, 4], steps=20, window=4, seed=9, batch_size=5)
+    a = free_pipe.generate([0, 1, 2, 3, 4], steps=20, window=4, seed=9, batch_size=5, verifier="block")
+    b = free_pipe.generate([0, 1, 2, 3, 4], steps=20, window=4, seed=9, batch_size=2, verifier="block")
+    np.testing.assert_array_equal(a.samples, b.samples)
+    assert [s["accepted"] for s in a.stats] == [s["accepted"] for s in b.stats]
+    assert a.settings["verifier"] == "block" and step.settings["verifier"] == "step"
+    assert not np.array_equal(a.samples, step.samples)
+    for s in a.stats:  # each round still commits accepted + 1 transitions
+        assert sum(x + 1 for x in s["accepted"]) == 20 and s["residual_cap_hits"] == 0
+    seq = free_pipe.generate([0, 1], sampler="sequential", steps=20, seed=9, verifier="block")  # no window: no effect
+    np.testing.assert_array_equal(seq.samples, free_pipe.generate([0, 1], sampler="sequential", steps=20, seed=9).samples)
+
+
+def test_a_block_default_gives_way_to_relax(tiny_free_dir):
+    """A model whose default verifier is block (the bundled digits DiT) still samples free-relax,
+    per step; asking for block and relax together is refused."""
+    pipe = Pipeline.from_directory(tiny_free_dir, threads=1)
+    pipe.defaults["verifier"] = "block"
+    assert pipe.generate([0, 1], steps=12, window=3, seed=2).settings["verifier"] == "block"
+    relaxed = pipe.generate([0, 1], sampler="free-relax", relax=2.0, steps=12, window=3, seed=2)
+    assert relaxed.settings["verifier"] == "step"
+    with pytest.raises(ValueError, match="exact-only"):
+        pipe.generate([0, 1], sampler="free-relax", relax=2.0, steps=12, window=3, seed=2, verifier="block")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(window=0), "window length L must be an integer >= 1"),
+    (dict(verifier="tree"), "unknown verifier 'tree'"),
+    (dict(sampler="free-relax", relax=1.0, verifier="block"), "block verification is exact-only"),
     (dict(window=2.5), "window length L must be an integer >= 1"),
     (dict(sampler="free-relax", relax=-0.1), "relax lambda must be >= 0"),
     (dict(sampler="free-relax", relax=1.0, relax_score="entropy"), "unknown relax score 'entropy'"),

@@ -4,7 +4,8 @@ The transition test (benchmarks/transition_test.py) holds every committed transi
 chains of the bundled digits DiT against the DiT's own transition from the committed parent: an
 exact z-test along the direction of the draft, plus a chi-square on |z|^2. On the CI budget (50
 steps, L = 2, 60 chains per group) the same statistic must pass the sequential sampler, lossless
-FREE, the frozen-target drafter and FREE with a deliberately poor drafter, and reject FREE under
+FREE, the frozen-target drafter, FREE with a deliberately poor drafter and FREE under block
+verification, and reject FREE under
 two slightly biased decide rules: accept with min(1, (q/p)^0.8), and redraw from p instead of the
 residual. Larger runs (with gamma 0.9 / 0.95, relax, and the final-sample two-sample tests beside
 it) are recorded in benchmarks/results/lossless_power_*.

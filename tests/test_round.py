@@ -99,9 +99,9 @@ def _spec(info=INFO, slots=6, window=3, drafter="free", guided=True, fixed="smal
                      fixed_variance=fixed)
 
 
-def _settings(steps="40", window=3, relax=0.0, ddim=False, table=None, seed=123, relax_score="gap"):
+def _settings(steps="40", window=3, relax=0.0, ddim=False, table=None, seed=123, relax_score="gap", verifier="step"):
     return RoundSettings(Schedule.create(steps), seed=seed, cfg_scale=2.5, window=window,
-                         window_schedule=table, relax=relax, ddim=ddim, relax_score=relax_score)
+                         window_schedule=table, relax=relax, ddim=ddim, relax_score=relax_score, verifier=verifier)
 
 
 def _full_round(p: Pair, frozen=False, nan_row=None, tol=2e-5):
@@ -150,8 +150,9 @@ def _full_round(p: Pair, frozen=False, nan_row=None, tol=2e-5):
         np.testing.assert_allclose(p.host("log_r")[draft], p.a["log_r"][draft], rtol=1e-9, atol=1e-9)
         np.testing.assert_array_equal(p.host("uniform")[draft], p.a["uniform"][draft])
         np.testing.assert_allclose(p.host("gamma")[draft], p.a["gamma"][draft], rtol=1e-6)
-        # make about half the positions pass: log r around log U
-        p.a["log_r"][draft] = np.log(p.a["uniform"][draft]) + p.rng.normal(0, 1.0, len(draft))
+        # make about half the positions pass: log r around log U (block verification: w_k ~ 1/2 .. 1/8)
+        p.a["log_r"][draft] = p.rng.normal(-0.7, 1.0, len(draft)) if p.settings.block else \
+            np.log(p.a["uniform"][draft]) + p.rng.normal(0, 1.0, len(draft))
     p.run("commit", R)
     p.compare(["step", "has_parent", "parent_feat", "parent_eps", "report"])
     p.compare(["x"], rtol=tol, atol=tol)
@@ -226,6 +227,41 @@ def test_round_constants_match_python(device_maths):
     assert "kMaxResidualAttempts = 1 << 20;" in text and MAX_RESIDUAL_ATTEMPTS == 1 << 20
 
 
+def test_round_kernels_match_numpy_block_verification(device_maths):
+    """DESIGN §3.3.1 in round.cu: the weights, the top level, the weighted levels (learned sigma and
+    equal covariances alike) and the round-keyed draws, against round_numpy."""
+    levels = []
+    for trial, (info, fixed) in enumerate([(INFO, "small")] * 3 + [(FIXED, "large")]):
+        p = Pair(device_maths, _spec(info, fixed=fixed, window=4), _settings(window=4, verifier="block"),
+                 seed=30 + trial)
+        p.random_state(40)
+        report = _full_round(p)
+        live = p.a["window_of"] >= 0
+        assert (report[live, 2] > 0).any(), "no level was sampled"
+        levels += list(zip(report[live, 1], p.a["window_of"][live]))
+    assert any(0 < a < w for a, w in levels) and any(a == w > 0 for a, w in levels) and any(
+        a == 0 < w for a, w in levels), levels  # the top, an inner level and level 0 all ended rounds
+
+
+def test_block_rounds_key_their_draws_by_round_and_step_rounds_do_not():
+    """Stream 0 is the plain key (step verification's bits are unchanged); block verification's
+    stream (the round's start step + 1) gives every round its own draws of the same transition."""
+    plain = noise.normal(7, np.arange(3), 12, noise.Purpose.DRAFT, (4,))
+    np.testing.assert_array_equal(noise.normal(7, np.arange(3), 12, noise.Purpose.DRAFT, (4,), 0), plain)
+    a = noise.normal(7, np.arange(3), 12, noise.Purpose.DRAFT, (4,), np.array([15, 15, 14]))
+    b = noise.normal(7, np.arange(3), 12, noise.Purpose.DRAFT, (4,), 16)
+    assert not np.isclose(a, plain).any() and not np.isclose(a, b).any()
+    for step, stream in ((1, 1 << 16), (1 << 16, 1)):
+        with pytest.raises(ValueError, match="below 2\\*\\*16"):
+            noise.uniform(7, [0], step, noise.Purpose.ACCEPT, 1, stream)
+    maths = NumpyRoundMaths()
+    ws = maths.workspace(_spec())
+    ws["step"][:3] = [30, 12, 7]
+    for verifier, want in (("step", 0), ("block", [31, 13, 8])):
+        maths.configure(ws, RoundSettings(Schedule.create("40"), seed=1, cfg_scale=2.5, window=3, verifier=verifier))
+        np.testing.assert_array_equal(maths._stream(ws, np.arange(3)), want)
+
+
 def test_layout_is_what_the_descriptor_points_at():
     """Every pointer field of the C descriptor that names a workspace buffer exists in the layout."""
     from freedit.runtime.round_device import _POINTERS
@@ -269,6 +305,7 @@ def _decisions(result):
 
 @pytest.mark.parametrize("sampler,kw", [("free", {}), ("frozen", {}), ("free-relax", {"relax": 0.5}),
                                         ("free-relax", {"relax": 4.0, "relax_score": "variance"}),
+                                        ("free", {"verifier": "block"}), ("frozen", {"verifier": "block"}),
                                         ("sequential", {}), ("ddim", {})])
 def test_device_round_equals_numpy_round_on_digits(digits, sampler, kw):
     labels = [3, 1, 4, 1, 5, 9, 2]

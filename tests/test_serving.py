@@ -350,6 +350,21 @@ STRICT = [
 ]
 
 
+def test_verifier_and_relax_score_reach_the_pipeline(server, reference):
+    """Block verification and the relax score are request settings like the others; block beside
+    relax is refused with 422 before any sampling."""
+    body = {"class_labels": [3, 8], "steps": STEPS, "seed": 4, "verifier": "block"}
+    relax = {"class_labels": [5], "steps": STEPS, "seed": 4, "sampler": "free-relax", "relax": 4.0,
+             "relax_score": "variance"}
+    bad = {**relax, "verifier": "block"}
+    (s1, block, _), (s2, relaxed, _), (s3, refused, _) = asyncio.run(post_all(server, [body, relax, bad]))
+    assert (s1, s2, s3) == (200, 200, 422), (block, relaxed, refused)
+    assert block["settings"]["verifier"] == "block" and relaxed["settings"]["relax_score"] == "variance"
+    np.testing.assert_array_equal(decode(block["images"]),
+                                  reference.generate([3, 8], steps=STEPS, seed=4, verifier="block").images)
+    assert "verifier" in refused["error"] and "exact-only" in refused["error"]
+
+
 def test_strict_types_duplicate_keys_and_content_type(server):
     with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
         for body, field in STRICT:

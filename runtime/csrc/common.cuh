@@ -101,6 +101,12 @@ FREEDIT_HD uint4 philox_block(unsigned long long seed, uint32_t block, uint32_t 
                        static_cast<uint32_t>(seed >> 32));
 }
 
+// The counter's step word: the respaced step in the low half, a stream (0: the plain key) in the
+// high half (noise.py STREAM_SHIFT; block verification keys a round's draws by its start step + 1).
+FREEDIT_HD uint32_t keyed_step(int step, int stream) {
+  return static_cast<uint32_t>(step) | (static_cast<uint32_t>(stream) << 16);
+}
+
 // (bits + 0.5) * 2^-32: exact in double, so bit-identical to numpy.
 FREEDIT_HD double to_uniform(uint32_t bits) {
   return (static_cast<double>(bits) + 0.5) * 2.3283064365386963e-10;

@@ -98,7 +98,7 @@ __global__ void residual_kernel(const float* __restrict__ mean_p, const float* _
                                 unsigned purpose_z, unsigned purpose_u, int attempt_shift, int max_attempts,
                                 float* __restrict__ out, int* __restrict__ proposals, int* __restrict__ cap_hit) {
   __shared__ int keep[32];
-  __shared__ int winner;
+  __shared__ int winner[2];
   const int i = blockIdx.x;
   const int row = index ? index[i] : i;
   float* dst = out + static_cast<size_t>(i) * per_row;
@@ -114,7 +114,7 @@ __global__ void residual_kernel(const float* __restrict__ mean_p, const float* _
   const size_t base = static_cast<size_t>(row) * per_row;
   const ResidualRow r{mean_p + base, log_var_p + base, mean_q + base, log_var_q + base, per_row, seed, sample[i],
                       step[i]};
-  const int found = residual_block(r, purpose_z, purpose_u, attempt_shift, max_attempts, dst, keep, &winner);
+  const int found = residual_block(r, purpose_z, purpose_u, attempt_shift, max_attempts, dst, keep, winner);
   if (threadIdx.x == 0) {
     proposals[i] = found >= 0 ? found + 1 : max_attempts;
     cap_hit[i] = found < 0;

@@ -12,7 +12,7 @@
 
 // 1: freedit_transition_f32 only. 2: dtype codes, all sampling kernels, helpers.
 // 3: the device runtime (memory, streams, events, graphs, counters) and the fused FREE round.
-#define FREEDIT_KERNELS_ABI_VERSION 4
+#define FREEDIT_KERNELS_ABI_VERSION 5
 
 #include <stddef.h>
 
@@ -152,6 +152,10 @@ FREEDIT_API int freedit_residual(const float* mean_p, const float* log_var_p, co
 // from x~ at row r; row r's p (k >= 1) is the draft transition that produced x~ at row r.
 #define FREEDIT_RELAX_GAP 0       // u = |mu_p - mu_q| / sigma_q (round_numpy.draft_gap)
 #define FREEDIT_RELAX_VARIANCE 1  // u = the learned variance's place in [beta_tilde, beta] (round_numpy.uncertainty)
+#define FREEDIT_VERIFY_STEP 0   // position by position up to the first rejection (DESIGN §3.2)
+#define FREEDIT_VERIFY_BLOCK 1  // the window jointly (DESIGN §3.3.1); its DRAFT, ACCEPT and RESIDUAL draws
+                                // carry the round's start step + 1 in the high half of the counter's step word
+#define FREEDIT_ROUND_MAX_WINDOW 64  // limits.MAX_WINDOW
 #define FREEDIT_ROUND_FLAG_CAP_HIT 1
 #define FREEDIT_ROUND_FLAG_NONFINITE 2
 
@@ -159,6 +163,7 @@ typedef struct freedit_round {
   int slots, max_window, max_rows, channels, pixels, out_channels, variance, guided, guided_channels;
   int num_steps, feat_row_bytes, ddim, window, results_rows;
   int relax_score;  // FREEDIT_RELAX_GAP or FREEDIT_RELAX_VARIANCE (used when relax > 0)
+  int verifier;     // FREEDIT_VERIFY_STEP or FREEDIT_VERIFY_BLOCK (block: relax must be 0)
   float cfg_scale, relax;
   long long null_label;
   unsigned long long seed;

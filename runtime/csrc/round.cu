@@ -50,6 +50,12 @@ __device__ inline int block_exclusive_scan(int value, int* scan, int* total) {
   return inclusive - value;
 }
 
+// Block verification keys a round's draws by its start step + 1 too (0: the plain keys), so a later
+// round never reuses the draws of drafts a failed block depended on (DESIGN §3.3.1).
+__device__ inline int round_stream(const freedit_round& r, int s) {
+  return r.verifier == FREEDIT_VERIFY_BLOCK ? r.step[s] + 1 : 0;
+}
+
 __device__ inline int window_at(const freedit_round& r, int s) {
   const int step = r.step[s];
   if (step < 0) return -1;
@@ -190,7 +196,8 @@ __global__ void draft_step_kernel(freedit_round r, int k, int n, int R, int froz
     const float* eps_row = frozen ? r.parent_eps + row_offset(s, O) : r.d_eps + row_offset(j, O);
     const float* null_row = r.d_eps + row_offset(n + j, O);
     float z[4];
-    normals4(philox_block(r.seed, static_cast<uint32_t>(b), r.sample[s], static_cast<uint32_t>(st), kDraft), z);
+    normals4(philox_block(r.seed, static_cast<uint32_t>(b), r.sample[s], keyed_step(st, round_stream(r, s)), kDraft),
+             z);
     for (int i = 0; i < 4; ++i) {
       const int e = 4 * b + i;
       if (e >= E) break;
@@ -267,8 +274,10 @@ __global__ void decide_kernel(freedit_round r, int R) {
   }
   if (threadIdx.x == 0) {
     r.log_r[row] = acc;
-    r.uniform[row] = to_uniform(philox_block(r.seed, 0, r.sample[s], static_cast<uint32_t>(st), kAccept).x);
-    r.gamma[row] = gamma;
+    if (r.verifier != FREEDIT_VERIFY_BLOCK) {  // block verification draws its own uniforms, per level (commit)
+      r.uniform[row] = to_uniform(philox_block(r.seed, 0, r.sample[s], static_cast<uint32_t>(st), kAccept).x);
+      r.gamma[row] = gamma;
+    }
   }
   (void)R;
 }
@@ -277,24 +286,45 @@ __global__ void decide_kernel(freedit_round r, int R) {
 __global__ void commit_kernel(freedit_round r, int R) {
   __shared__ double scratch[32];
   __shared__ int keep[32];
-  __shared__ int winner;
+  __shared__ int winner[2];
   __shared__ int accepted;
+  __shared__ double log_w[FREEDIT_ROUND_MAX_WINDOW + 1];
   const int s = blockIdx.x;
   const int w = r.window_of[s];
   if (w < 0) return;
   const int E = r.channels * r.pixels, O = r.out_channels * r.pixels, G = r.guided ? 2 : 1;
   const int first = r.first_row[s], start = r.step[s];
   const unsigned sample = r.sample[s];
-  if (threadIdx.x == 0) {  // positions in order until the first rejection
+  const bool block = r.verifier == FREEDIT_VERIFY_BLOCK;
+  if (threadIdx.x == 0 && block) {  // coupling.block_weights, then the top level: all w drafts stand w.p. w_w
+    log_w[0] = 0.0;
+    for (int k = 1; k <= w; ++k) {
+      const double t = log_w[k - 1] + r.log_r[first + k];
+      log_w[k] = isnan(t) ? t : (t < 0.0 ? t : 0.0);  // np.minimum(0, t) propagates NaN
+    }
+    const uint32_t top = keyed_step(r.row_step[first + w], start + 1);
+    accepted = log(to_uniform(philox_block(r.seed, 0, sample, top, kAccept).x)) < log_w[w] ? w : -1;
+  } else if (threadIdx.x == 0) {  // positions in order until the first rejection
     int a = 0;
     while (a < w && accepted_at(r.log_r[first + a + 1], r.uniform[first + a + 1], r.gamma[first + a + 1])) ++a;
     accepted = a;
   }
   __syncthreads();
-  const int a = accepted;
+  int a = accepted;
   float* x = r.x + row_offset(s, E);
   int proposals = 0, flags = 0;
-  if (a < w) {  // rejected at position a + 1: the residual (q - p)^+ of that transition
+  for (int i = w - 1; block && a < 0; --i) {  // levels w-1 .. 0: end with the residual of w_i q - p, or pass on
+    const int d = first + i + 1, q = d - 1;
+    const ResidualRow row{r.mean_p + row_offset(d, E), r.log_var_p + row_offset(d, E), r.mean_q + row_offset(q, E),
+                          r.log_var_q + row_offset(q, E), E, r.seed, sample, keyed_step(r.row_step[q], start + 1)};
+    int outcome = 0;
+    const int found = residual_block(row, kResidual, kResidualAccept, kAttemptShift, kMaxResidualAttempts, x, keep,
+                                     winner, log_w[i], &outcome);
+    proposals += found >= 0 ? found + 1 : kMaxResidualAttempts;
+    if (found < 0) flags = FREEDIT_ROUND_FLAG_CAP_HIT;  // keeps the last proposal: reported
+    if (found < 0 || outcome == 1) a = i;  // level 0 (w_0 = 1) never passes on
+  }
+  if (a < w && !block) {  // rejected at position a + 1: the residual (q - p)^+ of that transition
     const int d = first + a + 1, q = d - 1, st = r.row_step[q];
     const float *mp = r.mean_p + row_offset(d, E), *lvp = r.log_var_p + row_offset(d, E);
     const float *mq = r.mean_q + row_offset(q, E), *lvq = r.log_var_q + row_offset(q, E);
@@ -305,11 +335,11 @@ __global__ void commit_kernel(freedit_round r, int R) {
     } else {
       const ResidualRow row{mp, lvp, mq, lvq, E, r.seed, sample, static_cast<uint32_t>(st)};
       const int found = residual_block(row, kResidual, kResidualAccept, kAttemptShift, kMaxResidualAttempts, x, keep,
-                                       &winner);
+                                       winner);
       proposals = found >= 0 ? found + 1 : kMaxResidualAttempts;
       flags = found >= 0 ? 0 : FREEDIT_ROUND_FLAG_CAP_HIT;
     }
-  } else {  // the whole window passed: the bonus step from q at x~_w, exactly
+  } else if (a == w) {  // the whole window passed: the bonus step from q at x~_w, exactly
     const int b = first + w, st = r.row_step[b];
     const float *mq = r.mean_q + row_offset(b, E), *lvq = r.log_var_q + row_offset(b, E);
     if (r.ddim) {  // ops.ddim_step, eta = 0
@@ -362,14 +392,16 @@ using namespace freedit;
 namespace {
 // Host-side checks of a descriptor: sizes positive, the buffers every kernel dereferences present.
 bool valid(const freedit_round* r) {
-  return r && r->slots > 0 && r->max_window >= 0 && r->max_rows > 0 && r->channels > 0 && r->pixels > 0 &&
+  return r && r->slots > 0 && r->max_window >= 0 && r->max_window <= FREEDIT_ROUND_MAX_WINDOW && r->max_rows > 0 &&
+         r->channels > 0 && r->pixels > 0 &&
          r->out_channels >= r->channels && r->num_steps > 0 && r->feat_row_bytes > 0 && r->x && r->step &&
          r->has_parent && r->sample && r->label && r->parent_feat && r->parent_eps && r->window_of && r->first_row &&
          r->row_slot && r->row_pos && r->row_step && r->table && r->timesteps && r->v_x && r->v_t && r->v_y &&
          r->v_eps && r->v_feat && r->mean_q && r->log_var_q && r->eps_q && r->report &&
          r->guided_channels >= 0 && r->guided_channels <= r->channels && (!r->ddim || r->ddim_table) &&
          (r->relax <= 0.0f || r->relax_table) &&
-         (r->relax_score == FREEDIT_RELAX_GAP || r->relax_score == FREEDIT_RELAX_VARIANCE);
+         (r->relax_score == FREEDIT_RELAX_GAP || r->relax_score == FREEDIT_RELAX_VARIANCE) &&
+         (r->verifier == FREEDIT_VERIFY_STEP || (r->verifier == FREEDIT_VERIFY_BLOCK && r->relax <= 0.0f));
 }
 bool has_drafts(const freedit_round* r) {
   return r->draft_src && r->draft_prev && r->slot_rank && r->mean_p && r->log_var_p && r->log_r && r->uniform &&

@@ -101,19 +101,33 @@ FREEDIT_HD int proposal4(const ResidualRow& r, uint32_t block, uint32_t purpose_
   return n;
 }
 
-// u of attempt `shifted` and the keep test: keep with probability 1 - p(y)/q(y) = -expm1(-log r), log r > 0.
-FREEDIT_HD bool residual_keep(const ResidualRow& r, double log_r, uint32_t purpose_u, uint32_t shifted) {
+// u of attempt `shifted` and what the proposal does at a level of weight w = exp(log_w) <= 1
+// (coupling.sample_residual with log_weight): 1 = kept, with probability max(0, w - p(y)/q(y))
+// = -w expm1(-(log r + log w)); 2 = passed on to the level below, the next 1 - w of [0, 1);
+// 0 = propose again. log_w = 0 is the plain residual (q - p)^+, which never passes on.
+FREEDIT_HD int residual_outcome(const ResidualRow& r, double log_r, double log_w, uint32_t purpose_u,
+                                uint32_t shifted) {
   const double u = to_uniform(philox_block(r.seed, 0, r.sample, r.step, purpose_u + shifted).x);
-  return log_r > 0.0 && u < -expm1(-log_r);
+  const double lr = log_r + log_w;
+  const double stop = lr > 0.0 ? -exp(log_w) * expm1(-lr) : 0.0;
+  if (lr > 0.0 && u < stop) return 1;
+  return u >= stop && u < stop - expm1(log_w) ? 2 : 0;
+}
+
+FREEDIT_HD bool residual_keep(const ResidualRow& r, double log_r, uint32_t purpose_u, uint32_t shifted) {
+  return residual_outcome(r, log_r, 0.0, purpose_u, shifted) == 1;
 }
 
 // Each warp evaluates one attempt (proposal, its log ratio reduced over the warp, its uniform); the
 // block tries `warps` consecutive attempts per round and keeps the smallest successful one, so the
 // accepted attempt is the first success in attempt order, as coupling.sample_residual. Writes the
-// kept proposal to dst; returns the accepted attempt, or -1 at the cap (dst = the last proposal).
-// `keep` holds 32 ints and `winner` one int of the caller's shared memory.
+// kept proposal to dst; returns the deciding attempt, or -1 at the cap (dst = the last proposal).
+// With log_w < 0 (a level of block verification) the deciding attempt may pass on instead:
+// `*outcome` says which (residual_outcome's 1 or 2; 0 at the cap), and dst is left alone on 2.
+// `keep` holds 32 ints and `winner` two ints of the caller's shared memory.
 __device__ inline int residual_block(const ResidualRow& r, uint32_t purpose_z, uint32_t purpose_u, int attempt_shift,
-                                     int max_attempts, float* dst, int* keep, int* winner) {
+                                     int max_attempts, float* dst, int* keep, int* winner, double log_w = 0.0,
+                                     int* outcome = nullptr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const uint32_t blocks = static_cast<uint32_t>((r.per_row + 3) / 4);
   int found = -1;
@@ -132,22 +146,26 @@ __device__ inline int residual_block(const ResidualRow& r, uint32_t purpose_z, u
         }
       }
       acc = warp_sum(acc);
-      if (lane == 0) ok = residual_keep(r, acc, purpose_u, shifted);
+      if (lane == 0) ok = residual_outcome(r, acc, log_w, purpose_u, shifted);
     }
     if (lane == 0) keep[warp] = ok;
     __syncthreads();
     if (threadIdx.x == 0) {
-      *winner = -1;
+      winner[0] = -1;
+      winner[1] = 0;
       for (int w = 0; w < warps; ++w)
         if (keep[w]) {
-          *winner = static_cast<int>(round) + w;
+          winner[0] = static_cast<int>(round) + w;
+          winner[1] = keep[w];
           break;
         }
     }
     __syncthreads();
-    found = *winner;
+    found = winner[0];
+    if (outcome) *outcome = winner[1];
     __syncthreads();  // everyone has read `winner` before the next round rewrites it
   }
+  if (found >= 0 && outcome && *outcome == 2) return found;  // passed on: nothing to keep
   const int chosen = found >= 0 ? found : max_attempts - 1;  // at the cap: the last proposal, flagged
   const uint32_t shifted = static_cast<uint32_t>(chosen) << attempt_shift;
   for (uint32_t b = threadIdx.x; b < blocks; b += blockDim.x) {
