@@ -168,11 +168,14 @@ def summary_files(report: dict, out: Path) -> dict[Path, bytes]:
         rows.append(f"| {name} | {g['lossless']} | {g.get('acceptance') or 0:.3f} | {g.get('nfe_speedup') or 1:.2f} | "
                     f"{t['transitions']} | {t['direction']['z']:.2f} | {t['norm']['p_value']:.3g} | {t['p_value']:.3g} | "
                     f"{g['rejected']} |")
+    biased = [g for g in report["groups"] if g in BIASED]
+    extra = [g for g in report["groups"] if g not in BIASED and g not in LOSSLESS]
     text = [f"# Transition test: {report['steps']} steps, L = {report['window']}, CFG {report['cfg_scale']}, "
             f"N = {report['n']} chains per group", "", f"Command: `{report.get('command', '')}`", "",
             "Every committed transition is compared with the DiT's own transition from its committed parent "
-            "(benchmarks/transition_test.py); alpha = 0.01. Verdict (lossless groups pass, "
-            f"{' / '.join(BIASED)} rejected): **{report['verdict']}**.", "", *rows, ""]
+            "(benchmarks/transition_test.py); alpha = 0.01. Verdict (lossless groups pass"
+            + (f", {' / '.join(biased)} rejected" if biased else "") + f"): **{report['verdict']}**"
+            + (f"; {' / '.join(extra)} reported beside it." if extra else "."), "", *rows, ""]
     if any("final_sample_tests" in g for g in report["groups"].values()):
         text += ["Final-sample two-sample tests against the sequential group (p-values):", "",
                  "| group | energy | classifier | MMD | labels |", "|---|---:|---:|---:|---:|"]
