@@ -62,8 +62,8 @@ class DrafterTrainConfig:
 
 @dataclass
 class Trajectories:
-    x: torch.Tensor  # [M, N+1, C, H, W]: x[:, N] = x_T, x[:, i] = input of transition i
-    feat: torch.Tensor  # [M, N, rows, T, H] real features of x[:, i] (rows: cond, null)
+    x: torch.Tensor  # [M, N+1, C, H, W]: x[:, N] = x_T, x[:, i + 1] = input of transition i, x[:, 0] = the sample
+    feat: torch.Tensor  # [M, N, rows, T, H]: feat[:, i] = real features of x[:, i + 1] (rows: cond, null)
     labels: torch.Tensor  # [M]
 
 
@@ -146,8 +146,9 @@ def transition_divergence(kind: str, mean_q, log_var_q, mean_p, log_var_p) -> to
     raise ValueError(f"unknown divergence {kind!r}; choose kl, sqrt-kl or hellinger")
 
 
-def _step_tensors(traj: Trajectories, sched: TorchSchedule, m: torch.Tensor, i: torch.Tensor):
-    return traj.x[m, i], sched.timesteps[i], traj.labels[m]
+def transition_input(traj: Trajectories, sched: TorchSchedule, m: torch.Tensor, i: torch.Tensor):
+    """(state, timestep, label) of transition i of trajectories m: the state whose real features are feat[m, i]."""
+    return traj.x[m, i + 1], sched.timesteps[i], traj.labels[m]
 
 
 def unrolled_loss(drafter: Drafter, setting: Setting, cfg: DrafterTrainConfig, m: torch.Tensor,
@@ -163,7 +164,7 @@ def unrolled_loss(drafter: Drafter, setting: Setting, cfg: DrafterTrainConfig, m
     for k in range(cfg.unroll):
         live = (i0 - k >= 1).float()
         i = (i0 - k).clamp(min=1)
-        x, t, y = _step_tensors(traj, sched, m, i)
+        x, t, y = transition_input(traj, sched, m, i)
         feat = draft_features(drafter, feat, x, t, y, sched.timesteps[i + 1])
         real = traj.feat[m, i].float()
         eps_p = guided_output(dit, feat, t, y, setting.cfg_scale)
@@ -211,7 +212,7 @@ def held_out_acceptance(dit: DiT, drafter: Drafter | None, traj: Trajectories, s
     # Drafted transitions: noisy (step >= 1; step 0 is the DiT's mean) and with a parent (step <= n - 2).
     for step in range(1, n - 1):
         i = torch.full_like(m, step)
-        x, t, y = _step_tensors(traj, sched, m, i)
+        x, t, y = transition_input(traj, sched, m, i)
         parent = traj.feat[m, i + 1].float()
         if drafter is not None:
             eps_p = guided_output(dit, draft_features(drafter, parent, x, t, y, sched.timesteps[i + 1]), t, y, cfg_scale)

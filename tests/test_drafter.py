@@ -211,3 +211,35 @@ def test_training_across_settings(tmp_path, tiny_dit):
         assert report[name]["trained"]["mean"] == pytest.approx(setting["drafter"]["mean"], rel=1e-5)
         assert report[name]["frozen"]["mean"] == pytest.approx(setting["frozen"]["mean"], rel=1e-5)
     assert "| 12@cfg2 |" in out.with_suffix(".md").read_text()
+
+
+class _OracleDrafter:
+    """Drafts the DiT's own features of the state: the drafter no training can beat."""
+
+    def __init__(self, dit):
+        self.dit, self.config = dit, type("Config", (), {"parent_time": False})()
+
+    def __call__(self, feat, x, t, y, t_feat=None):
+        out, h = self.dit(x, t, y)
+        return h, out
+
+
+def test_training_pairs_each_state_with_its_own_features(tiny_dit):
+    """The trainer's and the held-out report's target at transition i is the DiT's output at the
+    state that transition starts from. (It once was the parent's: every drafter learned the wrong
+    target and the held-out acceptance scored against it.)"""
+    from freedit.export.diffusion import TorchSchedule
+    from freedit.export.train_drafter import collect_trajectories, held_out_acceptance, transition_input
+
+    sched = TorchSchedule(Schedule.create("8"))
+    traj = collect_trajectories(tiny_dit, sched, 3, 2.0, seed=1)
+    m, null = torch.arange(3), tiny_dit.config.num_classes
+    with torch.no_grad():
+        for i in range(sched.schedule.num_steps):
+            x, t, y = transition_input(traj, sched, m, torch.full_like(m, i))
+            _, h = tiny_dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+            stored = torch.cat([traj.feat[:, i, 0], traj.feat[:, i, 1]]).float()
+            assert torch.allclose(h, stored, atol=2e-2 * float(h.abs().max())), i  # stored in fp16
+    oracle = held_out_acceptance(tiny_dit, _OracleDrafter(tiny_dit), traj, sched, 2.0)
+    frozen = held_out_acceptance(tiny_dit, None, traj, sched, 2.0)
+    assert oracle["mean"] > 0.99 and frozen["mean"] < oracle["mean"] - 0.05, (oracle["mean"], frozen["mean"])
