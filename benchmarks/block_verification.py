@@ -71,7 +71,9 @@ def markdown(report: dict, stem: str) -> str:
              *[f"Part {name}: `{command}`  " for name, command in report.get("parts", {}).items()],
              f"Machine: {report['machine']['platform']}, "
              f"{report['machine']['cpu_count']} CPU cores, ONNX Runtime {report['machine']['onnxruntime']} (CPU)", "",
-             "Same labels, seed and drafter (the shipped one) for both verifiers; NFE speed-up = steps / serial "
+             f"Drafter: `{Path(report['drafter']).name}`{' (' + report['drafter_note'] + ')' if 'drafter_note' in report else ''}.  ",
+             "",
+             "Same labels, seed and drafter for both verifiers; NFE speed-up = steps / serial "
              "DiT calls per image (deterministic given the seed, so not a timing). \"in spread\": FD-digits and "
              "class accuracy inside the sequential seeds' mean ± 2 std or range (acceptance_matrix.json); "
              "with 5 seeds that band is narrow, and lossless per-step entries fall outside it too. Exactness is "
@@ -129,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", default=str(SPREAD), help="the acceptance matrix JSON whose sequential spread "
                         "judges quality")
     parser.add_argument("--merge", default="", help="JSON files of other parts of this run whose entries are taken in")
+    parser.add_argument("--drafter", default=str(default_model_dir() / "drafter.onnx"),
+                        help="drafter.onnx for the digits DiT (default: the shipped one)")
     parser.add_argument("--out", default="benchmarks/results/block_verification")
     args = parser.parse_args(argv)
+    drafter = Path(args.drafter)
+    if not drafter.is_file():
+        raise SystemExit(f"error: --drafter {drafter} does not exist")
     settings = parse_settings(args.settings)
     if args.n < 10:
         raise SystemExit("error: --n must be at least 10 (one image per class)")
@@ -142,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if report and (report.get("n"), report.get("seed")) != (args.n, args.seed):
         raise SystemExit(f"error: {path} holds N = {report.get('n')}, seed {report.get('seed')}; use the same --n and "
                          f"--seed to resume it, or another --out")
+    if report and Path(report.get("drafter", "")).name != drafter.name:
+        raise SystemExit(f"error: {path} was made with the drafter {report.get('drafter')}; resume it with that "
+                         f"--drafter, or use another --out")
     report.update({"command": "python -m freedit.benchmarks.block_verification " +
                    " ".join(sys.argv[1:] if argv is None else argv), "n": args.n, "seed": args.seed,
-                   "batch_size": args.batch_size, "drafter": str(default_model_dir() / "drafter.onnx"),
+                   "batch_size": args.batch_size, "drafter": str(drafter),
                    "spread": json.loads(Path(args.spread).read_text())["spread"] if Path(args.spread).is_file() else {},
                    "machine": {"python": platform.python_version(), "platform": platform.platform(),
                                "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__}})
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs({path: json.dumps(report, indent=1).encode()})
 
     save()
-    pipe = digits_pipeline(default_model_dir() / "drafter.onnx", args.threads)
+    pipe = digits_pipeline(drafter, args.threads)
     classifier = DigitsClassifier.load()
     labels = np.arange(args.n) % 10
     for steps, cfg, sampler, window in settings:

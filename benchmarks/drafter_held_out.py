@@ -1,7 +1,7 @@
 """Held-out one-step acceptance of several drafters on the same trajectories, per setting.
 
     python -m freedit.benchmarks.drafter_held_out --run runs/drafter \
-        --drafters new=runtime/assets/digits/drafter_multi.safetensors,old=runtime/assets/digits/drafter.safetensors \
+        --drafters new=runtime/assets/digits/drafter.safetensors,old=runtime/assets/digits/drafter_v1.safetensors \
         --out benchmarks/results/drafter_held_out
 
 ``--run`` is a ``freedit train-drafter`` output folder: its train_log.json names the settings and

@@ -18,7 +18,7 @@ def _args(out, *extra):
     model = default_model_dir()
     return ["--n", "20", "--steps", "6", "--cfg-scales", "1.5", "--windows", "2", "--samplers", "free,frozen",
             "--spread-seeds", "2", "--threads", "1", "--batch-size", "20",
-            "--drafters", f"new={model / 'drafter_multi.onnx'},old={model / 'drafter.onnx'}", "--out", str(out), *extra]
+            "--drafters", f"new={model / 'drafter.onnx'},old={model / 'drafter_v1.onnx'}", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
