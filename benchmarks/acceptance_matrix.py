@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.benchmarks import command_line
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.benchmarks.lossless_power import digits_pipeline
 from freedit.runtime.outputs import write_outputs
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     out = Path(args.out)
-    header = {"command": "python -m freedit.benchmarks.acceptance_matrix " + " ".join(sys.argv[1:] if argv is None else argv),
+    header = {"command": command_line("freedit.benchmarks.acceptance_matrix", argv),
               "n": args.n, "seed": args.seed, "batch_size": args.batch_size, "spread_seeds": args.spread_seeds,
               "drafters": {k: str(v) for k, v in drafters.items()},
               "machine": {"python": platform.python_version(), "platform": platform.platform(),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.benchmarks import command_line
 from freedit.benchmarks.acceptance_matrix import run_entry, within
 from freedit.benchmarks.lossless_power import digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier
@@ -152,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if report and Path(report.get("drafter", "")).name != drafter.name:
         raise SystemExit(f"error: {path} was made with the drafter {report.get('drafter')}; resume it with that "
                          f"--drafter, or use another --out")
-    report.update({"command": "python -m freedit.benchmarks.block_verification " +
-                   " ".join(sys.argv[1:] if argv is None else argv), "n": args.n, "seed": args.seed,
+    report.update({"command": command_line("freedit.benchmarks.block_verification", argv), "n": args.n, "seed": args.seed,
                    "batch_size": args.batch_size, "drafter": str(drafter),
                    "spread": json.loads(Path(args.spread).read_text())["spread"] if Path(args.spread).is_file() else {},
                    "machine": {"python": platform.python_version(), "platform": platform.platform(),
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         other = json.loads(Path(part).read_text())
         if (other.get("n"), other.get("seed")) != (args.n, args.seed):
             raise SystemExit(f"error: {part} holds N = {other.get('n')}, seed {other.get('seed')}; cannot merge it")
+        if Path(other.get("drafter", "")).name != drafter.name:
+            raise SystemExit(f"error: {part} was made with the drafter {other.get('drafter')}; cannot merge it")
         report.setdefault("parts", {})[Path(part).name] = other["command"]
         for e in other["entries"]:
             if _key(e) not in done:

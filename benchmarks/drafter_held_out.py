@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from freedit.benchmarks import command_line
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         scores["frozen"] = held_out_acceptance(dit, None, s.held, s.sched, s.cfg_scale)
         rows[s.name] = {k: {"mean": v["mean"], "bins": v["bins"]} for k, v in scores.items()}
         print(json.dumps({"setting": s.name, **{k: round(v["mean"], 4) for k, v in scores.items()}}), flush=True)
-    report = {"command": "python -m freedit.benchmarks.drafter_held_out " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": command_line("freedit.benchmarks.drafter_held_out", argv),
               "held_out_per_setting": cfg.held_out, "settings": rows}
     labels = list(drafters) + ["frozen"]
     lines = ["# Held-out one-step acceptance per setting", "", f"Command: `{report['command']}`", "",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.benchmarks import command_line
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.pipeline import Pipeline
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     seq = rows[0]
-    report = {"command": "python -m freedit.benchmarks.free_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": command_line("freedit.benchmarks.free_digits", argv),
               "model": pipe.source, "n": args.n, "steps": args.steps, "cfg_scale": seq["cfg_scale"],
               "best_lossless_window": best["window"],
               "machine": {"python": platform.python_version(), "platform": platform.platform(),

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from freedit.benchmarks import command_line
+
 DEFAULT_BUDGET_S = 480.0
 RAW_LOG_LIMIT = 15 * 2**20  # what comes back from the GPU machine: files of at most 16 MiB
 
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_campaign: {exc}", file=sys.stderr)
         return 2
     out.mkdir(exist_ok=True)
-    command = "python -m freedit.benchmarks.gpu_campaign " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("freedit.benchmarks.gpu_campaign", argv)
     (out / "command.txt").write_text(command.strip() + "\n")
     options = {"command": command.strip(), "budget_s": args.budget_s, "dry_run": args.dry_run, "only": only,
                "steps": args.steps, "repeats": args.repeats, "check_seed": secrets.randbelow(2**31)}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.benchmarks import command_line
 from freedit.benchmarks.lossless_power import digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.contract import RELAX_SCORES
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(report.get(k) != v for k, v in header.items()) and report:
         raise SystemExit(f"error: {path} holds a run with other settings; choose another --out")
     report.update(header)
-    report["command"] = "python -m freedit.benchmarks.relax_score " + " ".join(sys.argv[1:] if argv is None else argv)
+    report["command"] = command_line("freedit.benchmarks.relax_score", argv)
     report.setdefault("curve", [])
 
     def save():

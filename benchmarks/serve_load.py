@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.benchmarks import command_line
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
     report = {
-        "command": "python -m freedit.benchmarks.serve_load " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("freedit.benchmarks.serve_load", argv),
         "settings": {"steps": args.steps, "labels": args.labels, "requests": args.requests, "replicas": args.replicas,
                      "threads": args.threads, "ray_cpus": args.ray_cpus, "max_batch_size": args.max_batch_size,
                      "batch_wait_ms": args.batch_wait_ms, "seed": args.seed},

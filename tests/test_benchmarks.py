@@ -34,3 +34,29 @@ def test_eval_digits_report(tmp_path, bundled_dir):
     report = json.loads((tmp_path / "q.json").read_text())
     assert [r["cfg_scale"] for r in report["results"]] == [1.0, 2.0]
     assert report["real_floor"]["n"] == 20
+
+
+def test_block_verification_parts_merge_only_with_their_own_drafter(tmp_path):
+    """Two parts of a block-verification run, on tiny settings, join with --merge; a part or a
+    resumed report made with another drafter is refused before anything is sampled."""
+    from freedit.benchmarks.block_verification import main
+    from freedit.runtime.pipeline import default_model_dir
+
+    first = default_model_dir() / "drafter_v1.onnx"
+    common = ["--n", "10", "--batch-size", "10", "--threads", "1"]
+    assert main([*common, "--settings", "6:1.5:free:2", "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--settings", "6:1.5:free:3", "--out", str(tmp_path / "b")]) == 0
+    assert main([*common, "--settings", "", "--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                 "--out", str(tmp_path / "ab")]) == 0
+    merged = json.loads((tmp_path / "ab.json").read_text())
+    assert sorted((e["window"], e["verifier"]) for e in merged["entries"]) == [(2, "block"), (2, "step"),
+                                                                              (3, "block"), (3, "step")]
+    assert set(merged["parts"]) == {"a.json", "b.json"}
+    assert "| 6 |" in (tmp_path / "ab.md").read_text()
+    with pytest.raises(SystemExit, match="made with the drafter"):
+        main([*common, "--settings", "", "--drafter", str(first), "--merge", str(tmp_path / "a.json"),
+              "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="made with the drafter"):  # resuming a with the first drafter
+        main([*common, "--settings", "6:1.5:free:2", "--drafter", str(first), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main([*common, "--drafter", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "d")])
