@@ -60,3 +60,15 @@ def test_block_verification_parts_merge_only_with_their_own_drafter(tmp_path):
         main([*common, "--settings", "6:1.5:free:2", "--drafter", str(first), "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="does not exist"):
         main([*common, "--drafter", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "d")])
+
+
+def test_call_cost_times_both_digits_graphs(capsys):
+    from freedit.benchmarks.call_cost import main
+    from freedit.runtime.pipeline import default_model_dir
+
+    for graph in ("dit.onnx", "drafter.onnx"):
+        assert main([str(default_model_dir() / graph), "--calls", "2", "--batch", "4"]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["calls"] == 2 and line["batch"] == 4 and line["seconds_per_call"] > 0
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["missing.onnx"])
