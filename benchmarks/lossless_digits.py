@@ -5,7 +5,8 @@
 n FREE samples and n sequential samples (independent seeds, balanced classes) are compared on
 the digits classifier's features: MMD permutation test and a chi-square test on predicted labels.
 The same test is then run against a deliberately biased accept rule (accept every draft of the
-first drafter, drafter_v1: its own chain) to show it has the power to see a bias. tests/test_lossless_digits.py asserts the verdicts.
+first drafter, drafter_v1: its own chain) to show it has the power to see a bias.
+tests/test_lossless_digits.py asserts the verdicts.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def run(steps: str = "50", n: int = 1000, permutations: int = 300, window: int |
         biased_drafter: Path = FIRST_DRAFTER) -> dict:
     """FREE with the shipped drafter against sequential; the biased control accepts every draft of
     ``biased_drafter``. The shipped drafter's own chain is too close to the DiT's for this weak test
-    at n = 1000 (MMD p = 0.056 at 50 steps in the CI run of 0523fa0), so the control uses the first drafter."""
+    to reject at n = 1000 (the CI run of 0523fa0 failed on it), so the control uses the first drafter."""
     pipe = Pipeline.default()
     seq = sample_features(pipe, "sequential", steps, n, seed=11)
     free = sample_features(pipe, "free", steps, n, seed=22, window=window)

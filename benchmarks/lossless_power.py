@@ -182,8 +182,8 @@ def summary_files(report: dict, out: Path) -> dict[Path, bytes]:
     extra = [g for g in report["groups"] if g not in BIASED and g not in LOSSLESS]
     text = [f"# Transition test: {report['steps']} steps, L = {report['window']}, CFG {report['cfg_scale']}, "
             f"N = {report['n']} chains per group", "", f"Command: `{report.get('command', '')}`", "",
-            f"Drafter: {report.get('drafter', 'drafter.onnx')}" + (f" ({report['drafter_note']})" if "drafter_note" in report
-                                                                  else ""), "",
+            f"Drafter: {report.get('drafter', 'drafter.onnx')}"
+            + (f" ({report['drafter_note']})" if report.get("drafter_note") else ""), "",
             "Every committed transition is compared with the DiT's own transition from its committed parent "
             "(benchmarks/transition_test.py); alpha = 0.01. Verdict (lossless groups pass"
             + (f", {' / '.join(biased)} rejected" if biased else "") + f"): **{report['verdict']}**"

@@ -10,8 +10,8 @@ the mean of n projections is N(0, 1 / n) under the null.
 The direction is where a biased sampler errs: towards the draft. For every transition the test
 recomputes, with its own ONNX Runtime sessions, the DiT at the parent (mu_q, sigma_q) and at the
 grandparent (the features the drafter starts from; one DiT call per chain state serves both), runs
-one drafter (the run's, the same for every group) once (position 1 of a window) and takes e = (mu_p - mu_q) / |mu_p - mu_q| in
-sigma_q units. The direction is the same function of the past for every sampler under test, whatever
+one drafter (the run's, the same for every group) once (position 1 of a window) and takes
+e = (mu_p - mu_q) / |mu_p - mu_q| in sigma_q units. The direction is the same function of the past for every sampler under test, whatever
 drafter or rule that sampler used; the drafts of later window positions differ, but any past-
 measurable e keeps the null exact. A second statistic, sum |z|^2 ~ chi^2 with n E degrees of
 freedom, covers biases across e (e.g. a wrong variance).

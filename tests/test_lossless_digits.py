@@ -4,8 +4,9 @@
 the digits classifier's features: the MMD permutation test and the label chi-square test must
 not reject at alpha = 0.01, while the same test rejects a deliberately biased accept rule (every
 draft of the first drafter accepted: proof that it has power; the shipped drafter's own chain is
-too close to the DiT's for this weak test, see benchmarks/lossless_digits.py). CI runs 50 steps (more rejections: harder for the coupling); the 250-step run
-is marked slow (not yet recorded); the 50-step run is recorded in benchmarks/results/lossless_digits_50.json.
+too close to the DiT's for this weak test, see benchmarks/lossless_digits.py). CI runs 50 steps
+(more rejections: harder for the coupling); the 250-step run is marked slow (not yet recorded);
+the 50-step run is recorded in benchmarks/results/lossless_digits_50.json (first drafter).
 """
 from __future__ import annotations
 
