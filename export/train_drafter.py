@@ -39,6 +39,10 @@ from freedit.runtime.schedule import Schedule
 class DrafterTrainConfig:
     spacings: tuple[str, ...] = ("250",)  # the inference respacings trained for
     cfg_scales: tuple[float, ...] = (1.5,)  # ... and guidance scales (every pair is a setting)
+    # How often each guidance scale's settings are drawn, relative to each other (aligned with
+    # cfg_scales; None: all alike). Strong guidance amplifies the drafted features' cond - null
+    # error by the scale, so its settings can take more of the training budget.
+    cfg_weights: tuple[float, ...] | None = None
     trajectories: int = 320  # per setting
     held_out: int = 32  # per setting
     depth: int = 1
@@ -269,6 +273,24 @@ def load_settings(dit: DiT, out_dir: Path, cfg: DrafterTrainConfig) -> list[Sett
     return settings
 
 
+def setting_weights(cfg: DrafterTrainConfig) -> torch.Tensor | None:
+    """Each setting's draw weight, in load_settings' order (spacing-major); None when all are alike."""
+    weights = cfg.cfg_weights
+    if weights is None or len(set(weights)) == 1:
+        return None
+    if len(weights) != len(cfg.cfg_scales) or min(weights) <= 0:
+        raise ValueError(f"cfg_weights {weights} must be positive, one per CFG scale {cfg.cfg_scales}")
+    return torch.tensor([float(w) for _ in cfg.spacings for w in weights])
+
+
+def draw_settings(total: int, weights: torch.Tensor | None, count: int, gen: torch.Generator) -> list[int]:
+    """``count`` distinct settings of ``total`` for one optimizer step: uniform (a permutation, as the
+    drafters trained before weights existed were) or drawn in proportion to the weights."""
+    if weights is None:
+        return torch.randperm(total, generator=gen)[:count].tolist()
+    return torch.multinomial(weights, count, replacement=False, generator=gen).tolist()
+
+
 def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Path:
     """Collect (or reload) trajectories, train, evaluate, and write drafter.safetensors + train_log.json."""
     out_dir = Path(out_dir)
@@ -293,13 +315,14 @@ def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Pat
         start, log = state["step"], state["log"]
     t0 = time.time() - (log[-1]["seconds"] if log else 0.0)
     per_step = min(cfg.settings_per_step, len(settings))
+    draw_weights = setting_weights(cfg)
     sub_batch = max(1, cfg.batch_size // per_step)
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="train drafter", unit="step")
     for step in bar:
         for group in opt.param_groups:  # cosine decay to 10%
             group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.train_steps)))
         loss, terms = 0.0, {"feature": 0.0, "kl": 0.0}
-        for s in torch.randperm(len(settings), generator=gen)[:per_step].tolist():
+        for s in draw_settings(len(settings), draw_weights, per_step, gen):
             n = settings[s].sched.schedule.num_steps
             m = torch.randint(0, cfg.trajectories, (sub_batch,), generator=gen)
             # first drafted step i0 in [1, n - 2]: a noisy transition whose parent i0 + 1 exists

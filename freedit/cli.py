@@ -437,9 +437,13 @@ def _train_drafter(args: argparse.Namespace) -> int:
     bad = [c for c in args.cfg_scale if not c >= 0]
     if bad:
         raise UsageError(f"--cfg-scale must be >= 0 (1 = no guidance), got {bad}")
+    if args.cfg_weight is not None and (len(args.cfg_weight) != len(args.cfg_scale) or min(args.cfg_weight) <= 0):
+        raise UsageError(f"--cfg-weight takes one positive weight per --cfg-scale ({len(args.cfg_scale)}), "
+                         f"got {args.cfg_weight}")
     if args.depth < 1 or args.trajectories < 1 or args.held_out < 1 or args.settings_per_step < 1:
         raise UsageError("--depth, --trajectories, --held-out and --settings-per-step must be at least 1")
     cfg = DrafterTrainConfig(spacings=tuple(args.steps), cfg_scales=tuple(args.cfg_scale),
+                             cfg_weights=tuple(args.cfg_weight) if args.cfg_weight else None,
                              trajectories=args.trajectories, held_out=args.held_out, depth=args.depth,
                              parent_time=not args.no_parent_time, mlp_ratio=args.mlp_ratio,
                              settings_per_step=args.settings_per_step, divergence=args.divergence,
@@ -718,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. 25 50 100 250 ddim50)")
     d.add_argument("--cfg-scale", nargs="+", type=ascii_float, default=[1.5], help="inference CFG scales the drafter is "
                    "trained for (e.g. 1 1.5 4); every respacing x scale pair is a training setting")
+    d.add_argument("--cfg-weight", nargs="+", type=ascii_float, default=None, help="how often each --cfg-scale's "
+                   "settings are drawn, relative to the others (e.g. 1 1 2: strong guidance twice as often); default: alike")
     d.add_argument("--trajectories", type=ascii_int, default=320, help="training trajectories per setting")
     d.add_argument("--held-out", type=ascii_int, default=32, help="held-out trajectories per setting (acceptance report)")
     d.add_argument("--depth", type=ascii_int, default=1, help="drafter transformer blocks")

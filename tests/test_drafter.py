@@ -224,6 +224,39 @@ class _OracleDrafter:
         return h, out
 
 
+def test_cfg_weights_shift_the_draws_and_equal_weights_change_nothing():
+    """Weighted draws follow the weights (strong guidance drawn about twice as often as the others),
+    equal weights reproduce the unweighted permutation stream bit for bit (drafters trained before
+    weights existed retrain identically), and a malformed weight list is refused."""
+    import torch
+
+    from freedit.export.train_drafter import DrafterTrainConfig, draw_settings, setting_weights
+
+    assert setting_weights(DrafterTrainConfig(spacings=("25", "50"), cfg_scales=(1.0, 4.0))) is None
+    assert setting_weights(DrafterTrainConfig(spacings=("25", "50"), cfg_scales=(1.0, 4.0), cfg_weights=(3, 3))) is None
+    weights = setting_weights(DrafterTrainConfig(spacings=("25", "50"), cfg_scales=(1.0, 1.5, 4.0),
+                                                 cfg_weights=(1, 1, 2)))
+    assert weights.tolist() == [1, 1, 2, 1, 1, 2]  # spacing-major, as load_settings orders the settings
+    for bad in [(1, 2), (1, 0, 2)]:
+        with pytest.raises(ValueError, match="one per CFG scale"):
+            setting_weights(DrafterTrainConfig(cfg_scales=(1.0, 1.5, 4.0), cfg_weights=bad))
+
+    a, b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert [draw_settings(6, None, 2, a) for _ in range(50)] == \
+        [torch.randperm(6, generator=b)[:2].tolist() for _ in range(50)]
+
+    gen = torch.Generator().manual_seed(1)
+    counts = np.zeros(6)
+    for _ in range(4000):
+        drawn = draw_settings(6, weights, 1, gen)
+        assert len(drawn) == 1
+        counts[drawn] += 1
+    # expected 1000 for the CFG-4 settings, 500 for the others; binomial std ~ 20
+    assert np.all(np.abs(counts - 4000 * weights.numpy() / 8) < 120), counts
+    pairs = [draw_settings(6, weights, 2, gen) for _ in range(200)]
+    assert all(len(set(p)) == 2 for p in pairs)  # distinct settings within one optimizer step
+
+
 def test_training_pairs_each_state_with_its_own_features(tiny_dit):
     """The trainer's and the held-out report's target at transition i is the DiT's output at the
     state that transition starts from. (It once was the parent's: every drafter learned the wrong
