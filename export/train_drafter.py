@@ -276,10 +276,12 @@ def load_settings(dit: DiT, out_dir: Path, cfg: DrafterTrainConfig) -> list[Sett
 def setting_weights(cfg: DrafterTrainConfig) -> torch.Tensor | None:
     """Each setting's draw weight, in load_settings' order (spacing-major); None when all are alike."""
     weights = cfg.cfg_weights
-    if weights is None or len(set(weights)) == 1:
+    if weights is None:
         return None
     if len(weights) != len(cfg.cfg_scales) or min(weights) <= 0:
-        raise ValueError(f"cfg_weights {weights} must be positive, one per CFG scale {cfg.cfg_scales}")
+        raise ValueError(f"{list(weights)} must be positive, one per CFG scale {list(cfg.cfg_scales)}")
+    if len(set(weights)) == 1:
+        return None
     return torch.tensor([float(w) for _ in cfg.spacings for w in weights])
 
 

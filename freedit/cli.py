@@ -424,7 +424,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _train_drafter(args: argparse.Namespace) -> int:
     from freedit.export.checkpoint import load_dit
-    from freedit.export.train_drafter import DrafterTrainConfig, train_drafter
+    from freedit.export.train_drafter import DrafterTrainConfig, setting_weights, train_drafter
 
     from freedit.runtime.schedule import Schedule
 
@@ -437,9 +437,6 @@ def _train_drafter(args: argparse.Namespace) -> int:
     bad = [c for c in args.cfg_scale if not c >= 0]
     if bad:
         raise UsageError(f"--cfg-scale must be >= 0 (1 = no guidance), got {bad}")
-    if args.cfg_weight is not None and (len(args.cfg_weight) != len(args.cfg_scale) or min(args.cfg_weight) <= 0):
-        raise UsageError(f"--cfg-weight takes one positive weight per --cfg-scale ({len(args.cfg_scale)}), "
-                         f"got {args.cfg_weight}")
     if args.depth < 1 or args.trajectories < 1 or args.held_out < 1 or args.settings_per_step < 1:
         raise UsageError("--depth, --trajectories, --held-out and --settings-per-step must be at least 1")
     cfg = DrafterTrainConfig(spacings=tuple(args.steps), cfg_scales=tuple(args.cfg_scale),
@@ -449,6 +446,10 @@ def _train_drafter(args: argparse.Namespace) -> int:
                              settings_per_step=args.settings_per_step, divergence=args.divergence,
                              train_steps=args.train_steps, batch_size=args.batch_size, unroll=args.unroll, lr=args.lr,
                              seed=args.seed, threads=args.threads)
+    try:  # checked before any trajectory is collected, by the trainer's own rule
+        setting_weights(cfg)
+    except ValueError as e:
+        raise UsageError(f"--cfg-weight {e}") from None
     path = train_drafter(load_dit(args.dit), args.out, cfg)
     print(f"wrote {path}")
     return 0

@@ -237,7 +237,7 @@ def test_cfg_weights_shift_the_draws_and_equal_weights_change_nothing():
     weights = setting_weights(DrafterTrainConfig(spacings=("25", "50"), cfg_scales=(1.0, 1.5, 4.0),
                                                  cfg_weights=(1, 1, 2)))
     assert weights.tolist() == [1, 1, 2, 1, 1, 2]  # spacing-major, as load_settings orders the settings
-    for bad in [(1, 2), (1, 0, 2)]:
+    for bad in [(1, 2), (1, 0, 2), (2, 2)]:  # too few (even if alike), or not positive
         with pytest.raises(ValueError, match="one per CFG scale"):
             setting_weights(DrafterTrainConfig(cfg_scales=(1.0, 1.5, 4.0), cfg_weights=bad))
 
