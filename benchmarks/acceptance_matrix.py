@@ -29,6 +29,7 @@ import numpy as np
 from freedit.benchmarks import command_line
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.benchmarks.lossless_power import digits_pipeline
+from freedit.runtime.contract import DRAFT_GUIDANCE
 from freedit.runtime.outputs import write_outputs
 from freedit.runtime.pipeline import Pipeline, default_model_dir
 from freedit.runtime.schedule import Schedule
@@ -131,6 +132,8 @@ def run_entry(pipe: Pipeline, classifier, labels, **kwargs) -> dict:
              "n": len(labels), "acceptance": s.get("acceptance"), "nfe_speedup": s["nfe_speedup"],
              "mean_target_calls": s["mean_target_calls"], "fd_digits": metrics["fd_digits"],
              "class_accuracy": metrics["class_accuracy"], "cpu_seconds": time.perf_counter() - t0}
+    if "draft_guidance" in result.settings:
+        entry["draft_guidance"] = result.settings["draft_guidance"]
     if "acceptance_by_step" in s:
         timesteps = Schedule.create(str(kwargs["steps"])).timesteps
         entry["acceptance_by_step"] = {str(k): v for k, v in s["acceptance_by_step"].items()}
@@ -163,7 +166,10 @@ def markdown(report: dict, stem: str) -> str:
              f"{report['machine']['cpu_count']} CPU cores, ONNX Runtime {report['machine']['onnxruntime']} (CPU)", "",
              "Lossless FREE and the frozen-target baseline across step counts, CFG scales and windows L, with the "
              "new (multi-setting) and the old (250 steps, CFG 1.5) drafter. NFE speed-up = steps / serial DiT calls "
-             "per image. The frozen sampler uses no drafter: its rows are one run, listed under both drafters.", "",
+             "per image. The frozen sampler uses no drafter: its rows are one run, listed under both drafters. "
+             "\"guidance\": where FREE's guided drafts take their guidance from (`draft_guidance`): parent (the "
+             "conditional row drafted, the last verified state's cond - null gap) or drafter (both rows drafted; "
+             "entries recorded before the option existed).", "",
              "## Targets (lossless FREE, new drafter, best L in the matrix)", "",
              "| steps | CFG 1.5 best | target | met | CFG 4.0 best | share of CFG 1.5 | met (>= 85%) | old drafter, CFG 1.5 / 4.0 |",
              "|---:|---:|---:|:---:|---:|---:|:---:|---:|"]
@@ -190,8 +196,8 @@ def markdown(report: dict, stem: str) -> str:
     outside = []
     lines += ["", "## Every entry", "",
               "\"in spread\": FD-digits and class accuracy inside the sequential seeds' mean ± 2 std or their range.", "",
-              "| steps | CFG | sampler | L | drafter | acceptance | serial DiT calls / image | NFE speed-up | "
-              "class acc. | FD-digits | in spread |", "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|:---:|"]
+              "| steps | CFG | sampler | L | drafter | guidance | acceptance | serial DiT calls / image | NFE speed-up | "
+              "class acc. | FD-digits | in spread |", "|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|:---:|"]
     order = lambda e: (e["steps"], e["cfg_scale"], e["sampler"], e["window"], drafters.index(e["drafter"]))  # noqa: E731
     for e in sorted(entries, key=order):
         band = spread.get(f"{e['steps']}@{e['cfg_scale']:g}")
@@ -199,8 +205,9 @@ def markdown(report: dict, stem: str) -> str:
             e["class_accuracy"], band["class_accuracy"])
         if ok is False:
             outside.append(e)
+        guidance = e.get("draft_guidance", "drafter") if e["sampler"] == "free" else ""
         lines.append(f"| {e['steps']} | {e['cfg_scale']:g} | {e['sampler']} | {e['window']} | {e['drafter']} | "
-                     f"{e['acceptance']:.3f} | {e['mean_target_calls']:.1f} | {e['nfe_speedup']:.2f}x | "
+                     f"{guidance} | {e['acceptance']:.3f} | {e['mean_target_calls']:.1f} | {e['nfe_speedup']:.2f}x | "
                      f"{e['class_accuracy']:.3f} | {e['fd_digits']:.2f} | {'' if ok is None else 'yes' if ok else 'no'} |")
     lines += ["", f"Entries outside the sequential spread: {len(outside)} of {len(entries)}"
               + (": " + ", ".join(f"{e['steps']}/{e['cfg_scale']:g}/{e['sampler']}/L={e['window']}/{e['drafter']}"
@@ -275,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     parser.add_argument("--out", default="benchmarks/results/acceptance_matrix")
+    parser.add_argument("--draft-guidance", default=None, choices=DRAFT_GUIDANCE,
+                        help="guided FREE's draft guidance (runtime/contract.py); default: the model's")
     parser.add_argument("--merge", default="", help="JSON files of other runs of this matrix (e.g. parts run in "
                         "parallel with other --samplers/--steps) whose entries are taken in first")
     args = parser.parse_args(argv)
@@ -323,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                         runs = [(d, entry) for d in todo]
                     else:
                         runs = [(d, run_entry(pipes[d], classifier, labels, sampler=sampler, steps=s, cfg_scale=cfg,
-                                              window=window, seed=args.seed, batch_size=args.batch_size)) for d in todo]
+                                              window=window, seed=args.seed, batch_size=args.batch_size,
+                                              draft_guidance=args.draft_guidance)) for d in todo]
                     for d, entry in runs:
                         matrix.add("entries", {**entry, "window": window, "drafter": d, "seed": args.seed,
                                                "uses_drafter": sampler == "free"})

@@ -280,7 +280,9 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                                       seed=cfg.seed + 10_000, **common)  # other seeds than the measured runs
                 acc = acceptance_profile(pilot.summary["acceptance_by_step"], Schedule.create(str(steps)).num_steps)
                 cost = measure_cost_curve(pipe.backend, pipe.info, batch, cfg.adaptive_max_window + 1, cfg_scale != 1.0,
-                                          repeats=cfg.cost_repeats)
+                                          repeats=cfg.cost_repeats,  # guided drafts of the conditional row only: 1 drafter row
+                                          draft_rows_per_state=1 if pilot.settings.get("draft_guidance") == "parent"
+                                          else None)
                 schedule, rates = choose_windows(acc, cost, cfg.adaptive_max_window)
                 group["adaptive"] = {
                     "cost_curve": cost.to_dict(), "acceptance_profile": acc.tolist(), "windows": schedule.tolist(),

@@ -48,6 +48,9 @@ class DrafterTrainConfig:
     depth: int = 1
     parent_time: bool = True  # the drafter gets its input features' timestep (contract input t_feat)
     mlp_ratio: float | None = None  # the drafter block's MLP width; None: the DiT's
+    # Guided drafts as the runtime's draft_guidance "parent" makes them (DESIGN §3.1): only the
+    # conditional row is drafted; the guidance gap (cond - null output) is the real parent's.
+    parent_guidance: bool = False
     settings_per_step: int = 4  # settings sharing one optimizer step's batch
     # The distance between target and draft transitions the loss minimises per drafted position:
     # "kl" KL(q||p); "sqrt-kl" its square root; "hellinger" the Hellinger distance, which like the
@@ -84,6 +87,21 @@ class Setting:
     @property
     def name(self) -> str:
         return f"{self.spacing}@cfg{self.cfg_scale:g}"
+
+
+def parent_gap(dit: DiT, parent: torch.Tensor, t_parent: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cond - null output of the parent from its real features [B, 2, T, H] at its timesteps."""
+    null = torch.full_like(y, dit.config.num_classes)
+    return dit.head(parent[:, 0], dit.conditioning(t_parent, y)) - dit.head(parent[:, 1], dit.conditioning(t_parent, null))
+
+
+def draft_output(dit: DiT, drafted: torch.Tensor, t, y, cfg_scale: float, gap: torch.Tensor | None) -> torch.Tensor:
+    """Guided eps_v of drafted features: both rows drafted, or (``gap`` given) the conditional row
+    only, with the null row the parent's gap implies (runtime/round_numpy.draft_step)."""
+    if gap is None:
+        return guided_output(dit, drafted, t, y, cfg_scale)
+    cond = dit.head(drafted[:, 0], dit.conditioning(t, y))
+    return dit.cfg_combine(cond, cond - gap, cfg_scale)
 
 
 def guided_output(dit: DiT, feat: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -164,6 +182,10 @@ def unrolled_loss(drafter: Drafter, setting: Setting, cfg: DrafterTrainConfig, m
     dit, traj, sched = drafter.dit, setting.train, setting.sched
     n = sched.schedule.num_steps
     feat = traj.feat[m, i0 + 1].float()  # the parent's real features
+    gap = None
+    if cfg.parent_guidance and feat.shape[1] == 2:  # the window's guidance gap: the real parent's
+        gap = parent_gap(dit, feat, sched.timesteps[i0 + 1], traj.labels[m]).detach()
+        feat = feat[:, :1]
     total, logs = 0.0, {"feature": 0.0, "kl": 0.0}
     for k in range(cfg.unroll):
         live = (i0 - k >= 1).float()
@@ -171,13 +193,13 @@ def unrolled_loss(drafter: Drafter, setting: Setting, cfg: DrafterTrainConfig, m
         x, t, y = transition_input(traj, sched, m, i)
         feat = draft_features(drafter, feat, x, t, y, sched.timesteps[i + 1])
         real = traj.feat[m, i].float()
-        eps_p = guided_output(dit, feat, t, y, setting.cfg_scale)
+        eps_p = draft_output(dit, feat, t, y, setting.cfg_scale, gap)
         with torch.no_grad():
             eps_q = guided_output(dit, real, t, y, setting.cfg_scale)
             mean_q, lv_q = sched.transition(x, eps_q, i)
         mean_p, lv_p = sched.transition(x, eps_p, i)
         weight = live * (1.0 + cfg.late_weight * (1.0 - i.float() / n))
-        feature = F.smooth_l1_loss(feat, real, reduction="none").flatten(1).mean(1)
+        feature = F.smooth_l1_loss(feat, real[:, :feat.shape[1]], reduction="none").flatten(1).mean(1)
         kl = gaussian_kl(mean_q, lv_q, mean_p, lv_p)
         distance = kl if cfg.divergence == "kl" else transition_divergence(cfg.divergence, mean_q, lv_q, mean_p, lv_p)
         total = total + (weight * (cfg.feature_weight * feature + distance)).mean()
@@ -204,10 +226,11 @@ def _log_normal(x, mean, log_var):
 
 @torch.no_grad()
 def held_out_acceptance(dit: DiT, drafter: Drafter | None, traj: Trajectories, sched: TorchSchedule, cfg_scale: float,
-                        bins: int = 10, draws: int = 4, seed: int = 1) -> dict:
+                        bins: int = 10, draws: int = 4, seed: int = 1, parent_guidance: bool = False) -> dict:
     """Mean acceptance min(1, q/p) of one draft from the real parent, per respaced step and in bins.
 
-    ``drafter=None`` measures the frozen-target baseline (the parent's real output reused).
+    ``drafter=None`` measures the frozen-target baseline (the parent's real output reused);
+    ``parent_guidance``: guided drafts draft the conditional row only (DrafterTrainConfig).
     """
     g = torch.Generator().manual_seed(seed)
     n = sched.schedule.num_steps
@@ -219,7 +242,9 @@ def held_out_acceptance(dit: DiT, drafter: Drafter | None, traj: Trajectories, s
         x, t, y = transition_input(traj, sched, m, i)
         parent = traj.feat[m, i + 1].float()
         if drafter is not None:
-            eps_p = guided_output(dit, draft_features(drafter, parent, x, t, y, sched.timesteps[i + 1]), t, y, cfg_scale)
+            gap = parent_gap(dit, parent, sched.timesteps[i + 1], y) if parent_guidance and parent.shape[1] == 2 else None
+            drafted = draft_features(drafter, parent if gap is None else parent[:, :1], x, t, y, sched.timesteps[i + 1])
+            eps_p = draft_output(dit, drafted, t, y, cfg_scale, gap)
         else:  # frozen: the parent's real output (its own timestep) drives this step's transition
             eps_p = guided_output(dit, parent, sched.timesteps[i + 1], y, cfg_scale)
         eps_q = guided_output(dit, traj.feat[m, i].float(), t, y, cfg_scale)
@@ -344,7 +369,8 @@ def train_drafter(dit: DiT, out_dir: str | Path, cfg: DrafterTrainConfig) -> Pat
             save_state(state_path, {"drafter": drafter.state_dict(), "opt": opt.state_dict(),
                                     "generator": gen.get_state(), "step": step + 1, "log": log})
     drafter.eval()
-    evaluation = {s.name: {"drafter": held_out_acceptance(dit, drafter, s.held, s.sched, s.cfg_scale),
+    evaluation = {s.name: {"drafter": held_out_acceptance(dit, drafter, s.held, s.sched, s.cfg_scale,
+                                                          parent_guidance=cfg.parent_guidance),
                            "frozen": held_out_acceptance(dit, None, s.held, s.sched, s.cfg_scale)}
                   for s in tqdm(settings, desc="held-out acceptance", leave=False)}
     path = out_dir / "drafter.safetensors"

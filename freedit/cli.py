@@ -121,7 +121,7 @@ def _generate(args: argparse.Namespace) -> int:
     result = pipe.generate(labels, seed=args.seed, **settings, progress=not args.no_progress,
                            decode_batch_size=args.decode_batch_size, micro_batches=args.micro_batches,
                            maths=args.maths, graphs=not args.no_graphs, relax_score=args.relax_score,
-                           verifier=args.verifier)
+                           verifier=args.verifier, draft_guidance=args.draft_guidance)
     files = {}
     if images:
         ncol = args.per_class if args.per_class > 1 else min(10, len(labels))
@@ -443,6 +443,7 @@ def _train_drafter(args: argparse.Namespace) -> int:
                              cfg_weights=tuple(args.cfg_weight) if args.cfg_weight else None,
                              trajectories=args.trajectories, held_out=args.held_out, depth=args.depth,
                              parent_time=not args.no_parent_time, mlp_ratio=args.mlp_ratio,
+                             parent_guidance=args.draft_guidance == "parent",
                              settings_per_step=args.settings_per_step, divergence=args.divergence,
                              train_steps=args.train_steps, batch_size=args.batch_size, unroll=args.unroll, lr=args.lr,
                              seed=args.seed, threads=args.threads)
@@ -540,7 +541,7 @@ def _read_token(path: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from freedit.runtime import limits as lim
-    from freedit.runtime.contract import RELAX_SCORES, VERIFIERS
+    from freedit.runtime.contract import DRAFT_GUIDANCE, RELAX_SCORES, VERIFIERS
 
     parser = OneLineParser(prog="freedit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -565,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verifier", choices=VERIFIERS, default=None,
                    help="how FREE verifies a window: step (up to the first rejection) or block (the whole window "
                    "jointly: as exact, commits at least as many drafts); default: the model's")
+    g.add_argument("--draft-guidance", choices=DRAFT_GUIDANCE, default=None,
+                   help="where guided FREE drafts take their guidance from: parent (the conditional row drafted, the "
+                   "last verified state's cond - null gap) or drafter (both rows drafted); default: the model's")
     g.add_argument("--steps", type=steps_arg, default=None, help="step count 1..1000 (e.g. 250) or DiT spacing "
                    "('ddim50', '10,20,30'); default: the model's, 250 for the bundled model")
     g.add_argument("--cfg-scale", type=bounded(ascii_float, "cfg scale", 0, lim.MAX_CFG_SCALE, " (1 = no guidance)"),
@@ -731,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mlp-ratio", type=ascii_float, default=None, help="MLP width of the drafter's blocks (default: the DiT's)")
     d.add_argument("--no-parent-time", action="store_true", help="do not give the drafter its input features' "
                    "timestep (the pre-t_feat drafter, for one respacing)")
+    d.add_argument("--draft-guidance", choices=DRAFT_GUIDANCE, default="drafter",
+                   help="guided drafts trained as: drafter (both rows drafted: the drafter then serves either runtime "
+                   "rule) or parent (the conditional row only, with the parent's cond - null gap, as the runtime's "
+                   "default draws them; on digits no better than drafter, benchmarks/results/drafter_held_out.md)")
     d.add_argument("--settings-per-step", type=ascii_int, default=4, help="settings sharing each optimizer step's batch")
     d.add_argument("--divergence", choices=("kl", "sqrt-kl", "hellinger"), default="kl",
                    help="distance between target and draft transitions the loss minimises per drafted position "

@@ -31,9 +31,11 @@ class CostCurve:
 
 
 def measure_cost_curve(backend, info, batch: int, max_states: int, guided: bool, repeats: int = 5,
-                       seed: int = 0) -> CostCurve:
+                       seed: int = 0, draft_rows_per_state: int | None = None) -> CostCurve:
     """Median wall time of the target call for 1..max_states states per sample (and of one drafter
-    call), on random inputs of the engine's shapes, after one warm-up call per shape."""
+    call), on random inputs of the engine's shapes, after one warm-up call per shape.
+    ``draft_rows_per_state``: drafter rows per state (default: as the target's; 1 for guided FREE
+    drafting only the conditional row, RoundSpec.draft_rows_per_state)."""
     rng = np.random.default_rng(seed)
     rows_per_state = 2 if guided else 1
 
@@ -58,7 +60,8 @@ def measure_cost_curve(backend, info, batch: int, max_states: int, guided: bool,
         return float(np.median(times))
 
     verify = [timed("dit", batch * n * rows_per_state) for n in range(1, max_states + 1)]
-    draft = timed("drafter", batch * rows_per_state) if "drafter" in backend.engines() else 0.0
+    draft_rows = rows_per_state if draft_rows_per_state is None else draft_rows_per_state
+    draft = timed("drafter", batch * draft_rows) if "drafter" in backend.engines() else 0.0
     return CostCurve(batch, verify, draft)
 
 

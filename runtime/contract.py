@@ -63,6 +63,11 @@ RELAX_SCORES = ("gap", "variance")
 #: rejection; "block", the whole window jointly (Sun et al. 2024; for diffusions Soen et al. 2026),
 #: which commits at least as many drafts in expectation and is as exact.
 VERIFIERS = ("step", "block")
+#: Where a guided draft's guidance comes from (DESIGN §3.1): "parent", the gap between the conditional
+#: and the null output of the last verified state, with only the conditional row drafted (half the
+#: drafter rows; under strong guidance it tracks the DiT better than drafting both rows, whose errors
+#: the scale amplifies); "drafter", both rows drafted.
+DRAFT_GUIDANCE = ("parent", "drafter")
 #: Bounds of the metadata's integers: generous for any DiT, small enough to refuse nonsense before
 #: anything is sized from them.
 INFO_BOUNDS = {"input_size": (1, 4096), "in_channels": (1, 256), "patch_size": (1, 256), "hidden_size": (1, 65536),

@@ -36,7 +36,7 @@ import numpy as np
 from freedit.errors import FreeditError
 
 #: The ABI this binding speaks (FREEDIT_KERNELS_ABI_VERSION in runtime/csrc/freedit_kernels.h).
-ABI_VERSION = 5
+ABI_VERSION = 6
 LIB_NAME = "libfreedit_kernels.so"
 ENV_LIB = "FREEDIT_KERNELS_LIB"
 _REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from freedit.runtime.budget import check_fits, sampling_bytes
 from freedit.runtime.limits import (MAX_BATCH_SIZE, MAX_CFG_SCALE, MAX_IMAGES, MAX_PIPELINE_JSON_BYTES, MAX_RELAX,
                                     MAX_THREADS, MAX_WINDOW, check_int, check_number, is_int)
 from freedit.runtime.images import make_grid, to_uint8
-from freedit.runtime.contract import ContractError
+from freedit.runtime.contract import DRAFT_GUIDANCE, ContractError
 from freedit.runtime.overlap import Timeline
 from freedit.runtime.round import ENGINE_IO, RELAX_SCORES, VERIFIERS, RoundRunner, RoundSettings, RoundSpec, check_capacity
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
@@ -121,6 +121,12 @@ def check_verifier(value, relax: float = 0.0) -> str:
     return value
 
 
+def check_draft_guidance(value) -> str:
+    if not isinstance(value, str) or value not in DRAFT_GUIDANCE:
+        raise ValueError(f"unknown draft guidance {value!r}; choose one of {', '.join(DRAFT_GUIDANCE)}")
+    return value
+
+
 def resolve_verifier(requested, default: str, relax: float) -> str:
     """The verifier of a call: the one asked for (checked), else the model's default, except that
     relax (exact-only block verification does not combine with it) falls back to "step"."""
@@ -140,6 +146,7 @@ DEFAULTS_SCHEMA = {
     "relax": lambda v: check_number("relax lambda", v, 0.0, MAX_RELAX),
     "relax_score": check_relax_score,
     "verifier": check_verifier,
+    "draft_guidance": check_draft_guidance,
     "decode_batch_size": check_decode_batch,
     "checkpoints": _check_checkpoints,
 }
@@ -189,7 +196,7 @@ class Pipeline:
             check_decoder_matches(self.info, self.decoder, source)
         self.defaults = {"sampler": "free" if self.has_drafter else "sequential", "steps": 250, "cfg_scale": 1.0,
                          "batch_size": 64, "window": 6, "relax": 0.5, "relax_score": "gap", "verifier": "step",
-                         "decode_batch_size": 4, **(defaults or {})}
+                         "draft_guidance": "parent", "decode_batch_size": 4, **(defaults or {})}
         self.source = source
         self._context = None  # the round's maths and workspaces, allocated on first use
 
@@ -281,7 +288,7 @@ class Pipeline:
                  relax: float | None = None, progress: bool = False, micro_batches: int = 1,
                  window_schedule=None, maths: str = "auto", graphs: bool | None = None, decode: bool = True,
                  decode_batch_size: int | None = None, relax_score: str | None = None,
-                 verifier: str | None = None) -> GenerationResult:
+                 verifier: str | None = None, draft_guidance: str | None = None) -> GenerationResult:
         """Sample one image per class label. Same seed, same backend => same images, whatever the batch size.
 
         ``sampler``: "free" (lossless, the default when a drafter is present), "free-relax" (tempered
@@ -290,6 +297,9 @@ class Pipeline:
         ``verifier``: how a window is verified, "step" (up to the first rejection) or "block" (the
         whole window jointly: as exact, commits at least as much; DESIGN §3.3.1); default: the
         model's for lossless samplers, "step" for free-relax. ``window`` is FREE's draft length L.
+        ``draft_guidance`` (guided FREE): "parent" drafts the conditional row only and takes the
+        guidance gap (cond - null output) of the last verified state; "drafter" drafts both rows
+        (DESIGN §3.1); default: the model's. Either is exact.
         ``micro_batches`` > 1 (speculative samplers) keeps that many batches of ``batch_size`` in
         flight, one drafting while another verifies.
         ``window_schedule``: L per respaced step (e.g. runtime/adaptive.py's choice) instead of one L.
@@ -305,6 +315,8 @@ class Pipeline:
         cfg_scale, relax = float(cfg_scale), float(relax)  # checked real numbers (bools and strings refused)
         relax_score = check_relax_score(self.defaults["relax_score"] if relax_score is None else relax_score)
         verifier = resolve_verifier(verifier, self.defaults["verifier"], relax)
+        draft_guidance = check_draft_guidance(self.defaults["draft_guidance"] if draft_guidance is None
+                                              else draft_guidance)
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
             raise ValueError(f"micro batches must be an integer >= 1, got {micro_batches!r}")
         if micro_batches > 1 and sampler not in SPECULATIVE:
@@ -327,6 +339,7 @@ class Pipeline:
         drafter = ("frozen" if sampler == "frozen" else "free") if speculative else None
         spec = RoundSpec(self.info, slots=slots, max_window=longest if speculative else 0, guided=cfg_scale != 1.0,
                          drafter=drafter, t_feat=drafter == "free" and "t_feat" in self.backend.inputs("drafter"),
+                         parent_guidance=drafter == "free" and cfg_scale != 1.0 and draft_guidance == "parent",
                          fixed_variance=self.info.fixed_variance)
         settings = RoundSettings(schedule, int(seed), cfg_scale, window if window_schedule is None else 0,
                                  window_schedule, relax, ddim=sampler == "ddim", relax_score=relax_score,
@@ -374,6 +387,7 @@ class Pipeline:
         if speculative:
             settings_out.update(window=window if window_schedule is None else "schedule", relax=relax,
                                 **({"relax_score": relax_score} if relax > 0 else {}), verifier=verifier,
+                                **({"draft_guidance": draft_guidance} if sampler != "frozen" and cfg_scale != 1.0 else {}),
                                 micro_batches=int(micro_batches))
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),

@@ -51,11 +51,17 @@ class RoundSpec:
     guided: bool
     drafter: str | None  # "free" (the drafter engine), "frozen", or None (window 0: sequential, DDIM)
     t_feat: bool = False  # the drafter engine takes t_feat (the timestep of the features it is given)
+    # guided drafts take the last verified state's guidance gap; the drafter drafts the conditional row only
+    parent_guidance: bool = False
     fixed_variance: str = "small"  # for models without learned sigma
 
     @property
     def rows_per_state(self) -> int:
         return 2 if self.guided else 1
+
+    @property
+    def draft_rows_per_state(self) -> int:
+        return 1 if self.parent_guidance else self.rows_per_state
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
@@ -82,7 +88,7 @@ class RoundSpec:
         """Rows each engine is called with at most (CFG doubles the states)."""
         rows = {"dit": self.rows_per_state * self.max_rows}
         if self.drafter == "free" and self.max_window > 0:
-            rows["drafter"] = self.rows_per_state * self.slots
+            rows["drafter"] = self.draft_rows_per_state * self.slots
         return rows
 
 
@@ -121,6 +127,8 @@ def layout(spec: RoundSpec) -> dict[str, tuple[tuple[int, ...], str]]:
             })
             if spec.t_feat:
                 buffers["d_tfeat"] = ((G * S,), "float32")
+            if spec.parent_guidance:  # cond - null output of each slot's parent, from its verification
+                buffers["parent_gap"] = ((S, O, H, W), "float32")
     return buffers
 
 
@@ -278,7 +286,7 @@ class RoundRunner:
         self.draft_lane, self.verify_lane = lanes
         self.capture, self.on_progress, self.timeline = capture, on_progress, timeline
         spec = workspaces[0].spec
-        self.spec, self.G = spec, spec.rows_per_state
+        self.spec, self.G, self.G_draft = spec, spec.rows_per_state, spec.draft_rows_per_state
         self.frozen = spec.drafter == "frozen"
         n = settings.schedule.num_steps
         if spec.drafter is None and (settings.window or settings.window_schedule is not None):
@@ -368,7 +376,7 @@ class RoundRunner:
             for k, n in enumerate(counts, start=1):
                 if not self.frozen:
                     maths.draft_inputs(ws, k, n, n_prev, self.draft_lane)
-                    ws.engines["drafter"].run(G * n)
+                    ws.engines["drafter"].run(self.G_draft * n)
                 maths.draft_step(ws, k, n, rows, self.frozen, self.draft_lane)
                 n_prev = n
 

@@ -26,7 +26,7 @@ _POINTERS = ("window_table", "table", "timesteps", "ddim_table", "relax_table", 
              "parent_feat", "parent_eps", "window_of", "first_row", "row_slot", "row_pos", "row_step", "draft_src",
              "draft_prev", "slot_rank", "v_x", "v_t", "v_y", "v_eps", "v_feat", "d_feat", "d_x", "d_t", "d_tfeat",
              "d_y", "d_feat_out", "d_eps", "mean_p", "log_var_p", "mean_q", "log_var_q", "eps_q", "log_r", "uniform",
-             "gamma", "report", "results")
+             "gamma", "report", "results", "parent_gap")
 
 
 class RoundDescriptor(ctypes.Structure):

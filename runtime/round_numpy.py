@@ -135,7 +135,7 @@ class NumpyRoundMaths(RoundMaths):
         src = ws["draft_src"][k - 1, :n]
         slots, st = ws["row_slot"][src], ws["row_step"][src]
         prev = ws["draft_prev"][k - 1, :n]
-        for g, label in ((0, ws["label"][slots]), (1, spec.info.null_label))[:spec.rows_per_state]:
+        for g, label in ((0, ws["label"][slots]), (1, spec.info.null_label))[:spec.draft_rows_per_state]:
             rows = slice(g * n, (g + 1) * n)
             ws["d_x"][rows] = ws["v_x"][src]
             ws["d_t"][rows] = sched.timesteps[st]
@@ -149,7 +149,13 @@ class NumpyRoundMaths(RoundMaths):
         spec, s = ws.spec, ws.settings
         src = ws["draft_src"][k - 1, :n]
         slots, st, dst = ws["row_slot"][src], ws["row_step"][src], src + 1
-        eps_v = ws["parent_eps"][slots] if frozen else self._guided(ws, ws["d_eps"], n)
+        if frozen:
+            eps_v = ws["parent_eps"][slots]
+        elif spec.parent_guidance:  # the null row the parent's gap implies: eps_c + (s - 1) gap on guided channels
+            cond = ws["d_eps"][:n]
+            eps_v = self._guided(ws, np.concatenate([cond, cond - ws["parent_gap"][slots]]), n)
+        else:
+            eps_v = self._guided(ws, ws["d_eps"], n)
         mp, lvp = ops.transition(s.schedule, ws["v_x"][src], eps_v, st, spec.fixed_variance)
         z = noise.normal(s.seed, ws["sample"][slots], st, noise.Purpose.DRAFT, self._shape(ws), self._stream(ws, slots))
         x = (mp + np.exp(0.5 * lvp) * z).astype(np.float32)
@@ -211,6 +217,8 @@ class NumpyRoundMaths(RoundMaths):
         for g in range(G):
             ws["parent_feat"][live, g] = ws["v_feat"][g * rows + parent]
         ws["parent_eps"][live] = ws["eps_q"][parent].reshape(len(live), *spec.out_shape)
+        if spec.parent_guidance:
+            ws["parent_gap"][live] = ws["v_eps"][parent] - ws["v_eps"][rows + parent]
         ws["step"][live], ws["has_parent"][live] = new_step, 1
         report = ws["report"]
         report[live, 0], report[live, 1], report[live, 2] = new_step, accepted, proposals

@@ -39,12 +39,13 @@ def test_entries_carry_the_issue_keys(matrix):
         assert 1.0 <= e["nfe_speedup"] <= 6.0 and 0.0 <= e["acceptance"] <= 1.0
         assert e["mean_target_calls"] == pytest.approx(6 / e["nfe_speedup"])
         assert set(e["acceptance_by_step"]) <= {str(k) for k in range(1, 6)}
+    assert {e.get("draft_guidance") for e in entries} == {"parent", None}  # free: the model's rule; frozen: none
     frozen = [e for e in entries if e["sampler"] == "frozen"]
     assert frozen[0]["fd_digits"] == frozen[1]["fd_digits"]  # one run, listed under each drafter
     assert [r["seed"] for r in report["sequential"]] == [0, 1]
     assert set(report["spread"]) == {"6@1.5"}
     md = matrix.with_suffix(".md").read_text()
-    assert "| 6 | 1.5 | free | 2 | new |" in md and matrix.with_suffix(".png").stat().st_size > 10_000
+    assert "| 6 | 1.5 | free | 2 | new | parent |" in md and matrix.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_rerun_resumes_and_keeps_earlier_seeds(matrix, capsys):

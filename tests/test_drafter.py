@@ -112,23 +112,29 @@ def test_exported_drafter_has_t_feat_and_backends_agree(tiny_dit, timed_drafter,
         np.testing.assert_allclose(got[name], want[name], atol=2e-5 * max(1, np.abs(want[name]).max()))
 
 
-@pytest.mark.parametrize("steps, cfg_scale", [(20, 2.0), ("ddim15", 1.0)])
-def test_round_feeds_the_parent_timestep(timed_dir, steps, cfg_scale):
-    """t_feat of every drafter row = the original timestep one respaced step above the drafted state."""
+@pytest.mark.parametrize("steps, cfg_scale, guidance", [(20, 2.0, "parent"), (20, 2.0, "drafter"), ("ddim15", 1.0, None)])
+def test_round_feeds_the_parent_timestep(timed_dir, steps, cfg_scale, guidance):
+    """t_feat of every drafter row = the original timestep one respaced step above the drafted state;
+    guided drafts draft null rows only when the guidance is drafted too (draft_guidance "drafter")."""
     inner = OnnxRuntimeBackend({"dit": timed_dir / "dit.onnx", "drafter": timed_dir / "drafter.onnx"}, threads=1)
     backend = RecordingBackend(inner)
-    result = Pipeline(backend).generate([0, 1, 2, 3], sampler="free", steps=steps, cfg_scale=cfg_scale, window=3,
-                                        seed=1, batch_size=3)
+    pipe = Pipeline(backend)
+    result = pipe.generate([0, 1, 2, 3], sampler="free", steps=steps, cfg_scale=cfg_scale, window=3, seed=1,
+                           batch_size=3, draft_guidance=guidance)
     schedule = Schedule.create(result.settings["steps"])
     index = {float(t): i for i, t in enumerate(schedule.timesteps.astype(np.float32))}
     drafts = [inputs for engine, inputs in backend.calls if engine == "drafter"]
     assert drafts and result.summary["drafted"] > 0
+    null = pipe.info.null_label
     for inputs in drafts:
         steps_drafted = np.array([index[float(t)] for t in inputs["t"]])
         np.testing.assert_array_equal(inputs["t_feat"], schedule.timesteps[steps_drafted + 1].astype(np.float32))
-        if cfg_scale != 1.0:  # the null rows carry the same timesteps as their conditional rows
+        if guidance == "drafter":  # [conditional rows; null rows], the same timesteps
             half = len(inputs["t"]) // 2
+            assert (inputs["y"][:half] != null).all() and (inputs["y"][half:] == null).all()
             np.testing.assert_array_equal(inputs["t_feat"][:half], inputs["t_feat"][half:])
+        else:  # the conditional rows only
+            assert (inputs["y"] != null).all()
 
 
 def test_old_drafter_is_fed_no_t_feat(tiny_free_dir):
@@ -168,7 +174,8 @@ def test_training_across_settings(tmp_path, tiny_dit):
     from freedit.export.train_drafter import DrafterTrainConfig, load_settings, train_drafter
 
     cfg = DrafterTrainConfig(spacings=("12", "ddim10"), cfg_scales=(1.0, 2.0), trajectories=6, held_out=2,
-                             train_steps=200, batch_size=16, settings_per_step=2, divergence="hellinger", threads=1)
+                             train_steps=200, batch_size=16, settings_per_step=2, divergence="hellinger", threads=1,
+                             parent_guidance=True)
     path = train_drafter(tiny_dit, tmp_path, cfg)
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert set(log["held_out_acceptance"]) == {"12@cfg1", "12@cfg2", "ddim10@cfg1", "ddim10@cfg2"}
@@ -194,6 +201,12 @@ def test_training_across_settings(tmp_path, tiny_dit):
 
     before, after = objective(Drafter(tiny_dit, parent_time=True).eval()), objective(trained)
     assert after < 0.8 * before, (before, after)
+    both_rows = DrafterTrainConfig(**{**cfg.__dict__, "parent_guidance": False})
+    s, (m, i0) = settings[1], batches[1]  # 12@cfg2: the guidance rule changes the guided objective
+    assert s.cfg_scale == 2.0
+    with torch.no_grad():
+        assert float(unrolled_loss(trained, s, both_rows, m, i0)[0]) != pytest.approx(
+            float(unrolled_loss(trained, s, cfg, m, i0)[0]), rel=1e-5)
 
     # The side-by-side benchmark scores drafters on this run's held-out trajectories with the
     # trainer's own measure: it reproduces the trainer's figures for the trained drafter.

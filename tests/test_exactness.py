@@ -421,9 +421,12 @@ def _check_speculative(result, sampler):
     assert s["mean_target_calls"] < result.settings["num_steps"] / 1.5, s  # it does speed things up
 
 
-@pytest.mark.parametrize("sampler", ["free", "frozen"])
-def test_speculative_matches_closed_form(backend, pipe, labels, schedule, sampler):
-    result = generate(pipe, labels, sampler)
+@pytest.mark.parametrize("sampler,kw", [("free", {}), ("frozen", {}), ("free", {"draft_guidance": "drafter"})],
+                         ids=["free", "frozen", "free-both-rows-drafted"])
+def test_speculative_matches_closed_form(backend, pipe, labels, schedule, sampler, kw):
+    """free drafts the conditional row with the parent's guidance gap (the default), or both rows."""
+    result = generate(pipe, labels, sampler, **kw)
+    assert result.settings.get("draft_guidance") == (kw.get("draft_guidance", "parent") if sampler == "free" else None)
     _check_speculative(result, sampler)
     fails = law_failures(backend, schedule, result.samples, labels)
     assert not fails, fails

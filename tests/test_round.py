@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from freedit.errors import CapacityError, ModelOutputError
-from freedit.runtime import noise
-from freedit.runtime.contract import RELAX_SCORES, ModelInfo
+from freedit.runtime import noise, ops
+from freedit.runtime.contract import RELAX_SCORES, VERIFIERS, ModelInfo
 from freedit.runtime.round import ATTEMPT_SHIFT, RoundSettings, RoundSpec, check_capacity, layout
 from freedit.runtime.round_numpy import NumpyRoundMaths
 from freedit.runtime.schedule import Schedule
@@ -82,7 +82,7 @@ class Pair:
         a["has_parent"][0] = 1
         a["sample"][:] = self.rng.permutation(64)[:S]
         a["label"][:] = self.rng.integers(0, self.spec.info.num_classes, S)
-        for name in ("x", "parent_feat", "parent_eps"):
+        for name in ("x", "parent_feat", "parent_eps") + (("parent_gap",) if "parent_gap" in a.buffers else ()):
             a[name][...] = self.rng.normal(0, 1, a[name].shape)
         a["parent_eps"][:, self.spec.info.in_channels:] = self.rng.uniform(-1, 1, a["parent_eps"][:, self.spec.info.in_channels:].shape)
 
@@ -94,9 +94,9 @@ class Pair:
             np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=name)
 
 
-def _spec(info=INFO, slots=6, window=3, drafter="free", guided=True, fixed="small"):
+def _spec(info=INFO, slots=6, window=3, drafter="free", guided=True, fixed="small", parent_guidance=False):
     return RoundSpec(info, slots=slots, max_window=window, guided=guided, drafter=drafter, t_feat=True,
-                     fixed_variance=fixed)
+                     fixed_variance=fixed, parent_guidance=parent_guidance)
 
 
 def _settings(steps="40", window=3, relax=0.0, ddim=False, table=None, seed=123, relax_score="gap", verifier="step"):
@@ -106,7 +106,7 @@ def _settings(steps="40", window=3, relax=0.0, ddim=False, table=None, seed=123,
 
 def _full_round(p: Pair, frozen=False, nan_row=None, tol=2e-5):
     """plan -> stage -> drafts -> verify -> decide -> commit, compared after every op."""
-    S, G = p.spec.slots, p.spec.rows_per_state
+    S, G, G_draft = p.spec.slots, p.spec.rows_per_state, p.spec.draft_rows_per_state
     p.run("plan")
     p.compare(["window_of", "first_row"])
     R = int(p.a["report"][S, 0])
@@ -125,7 +125,7 @@ def _full_round(p: Pair, frozen=False, nan_row=None, tol=2e-5):
         if not frozen:
             p.a["d_feat_out"][...] = p.rng.normal(0, 1, p.a["d_feat_out"].shape)
             p.run("draft_inputs", k, n, n_prev)
-            p.compare(["d_feat", "d_x", "d_t", "d_y", "d_tfeat"], rows=G * n)
+            p.compare(["d_feat", "d_x", "d_t", "d_y", "d_tfeat"], rows=G_draft * n)
             p.a["d_eps"][...] = p.rng.normal(0, 0.5, p.a["d_eps"].shape)
             p.a["d_eps"][:, p.spec.info.in_channels:] = p.rng.uniform(-1, 1, p.a["d_eps"][:, p.spec.info.in_channels:].shape)
         p.run("draft_step", k, n, R, frozen)
@@ -154,7 +154,8 @@ def _full_round(p: Pair, frozen=False, nan_row=None, tol=2e-5):
         p.a["log_r"][draft] = p.rng.normal(-0.7, 1.0, len(draft)) if p.settings.block else \
             np.log(p.a["uniform"][draft]) + p.rng.normal(0, 1.0, len(draft))
     p.run("commit", R)
-    p.compare(["step", "has_parent", "parent_feat", "parent_eps", "report"])
+    p.compare(["step", "has_parent", "parent_feat", "parent_eps", "report"]
+              + (["parent_gap"] if p.spec.parent_guidance else []))
     p.compare(["x"], rtol=tol, atol=tol)
     np.testing.assert_allclose(p.b.results_buffer.host(), p.a["results"][:len(p.b.results_buffer.host())],
                                rtol=tol, atol=tol)
@@ -168,6 +169,32 @@ def test_round_kernels_match_numpy_learned_sigma(device_maths, trial):
     report = _full_round(p)
     live = p.a["window_of"] >= 0
     assert (report[live, 2] > 0).any(), "no residual sampling was exercised"
+
+
+@pytest.mark.parametrize("verifier", VERIFIERS)
+def test_round_kernels_match_numpy_parent_guidance(device_maths, verifier):
+    """Guided drafts from the conditional row and the parent's guidance gap: kernels == numpy, and
+    numpy's draft is eps_c + (s - 1) gap on the guided channels (the rest from the conditional row)."""
+    for info, trial in ((INFO, 0), (INFO, 1), (FIXED, 2)):
+        p = Pair(device_maths, _spec(info, parent_guidance=True), _settings(verifier=verifier), seed=20 + trial)
+        p.random_state(40)
+        assert p.spec.draft_rows_per_state == 1 and p.spec.engine_rows()["drafter"] == p.spec.slots
+        _full_round(p)
+        assert p.a["has_parent"][p.a["window_of"] >= 0].all()
+    # numpy's draft against the formula, on the last Pair's first draft position
+    p = Pair(device_maths, _spec(parent_guidance=True), _settings(verifier=verifier), seed=30)
+    p.random_state(40)
+    p.np_maths.plan(p.a, None)
+    n = int((p.a["window_of"] >= 1).sum())
+    p.a["d_eps"][...] = p.rng.normal(0, 0.5, p.a["d_eps"].shape)
+    p.np_maths.draft_step(p.a, 1, n, int(p.a["report"][p.spec.slots, 0]), False, None)
+    src = p.a["draft_src"][0, :n]
+    slots, st = p.a["row_slot"][src], p.a["row_step"][src]
+    g = ops.guided_channels(INFO.cfg_mode, INFO.in_channels)
+    eps = p.a["d_eps"][:n].copy()
+    eps[:, :g] += (p.settings.cfg_scale - 1.0) * p.a["parent_gap"][slots, :g]
+    mean, _ = ops.transition(p.settings.schedule, p.a["v_x"][src], eps, st, p.spec.fixed_variance)
+    np.testing.assert_allclose(p.a["mean_p"][src + 1], mean.reshape(n, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_round_kernels_match_numpy_fixed_variance_reflection(device_maths):
@@ -270,7 +297,7 @@ def test_layout_is_what_the_descriptor_points_at():
     struct = header[header.index("typedef struct freedit_round"):header.index("} freedit_round;")]
     fields = re.findall(r"\*\s*(\w+);", struct)
     assert tuple(fields) == _POINTERS
-    names = set(layout(_spec()))
+    names = set(layout(_spec())) | set(layout(_spec(parent_guidance=True)))
     tables = {"window_table", "table", "timesteps", "ddim_table", "relax_table", "results"}
     assert set(_POINTERS) - tables <= names
 

@@ -12,7 +12,8 @@
 
 // 1: freedit_transition_f32 only. 2: dtype codes, all sampling kernels, helpers.
 // 3: the device runtime (memory, streams, events, graphs, counters) and the fused FREE round.
-#define FREEDIT_KERNELS_ABI_VERSION 5
+// 6: the round descriptor's parent_gap (guided drafts from the parent's guidance gap).
+#define FREEDIT_KERNELS_ABI_VERSION 6
 
 #include <stddef.h>
 
@@ -141,7 +142,7 @@ FREEDIT_API int freedit_residual(const float* mean_p, const float* log_var_p, co
 //                draft_src/draft_prev [max_window,S], slot_rank [S] (scratch)
 //   verify I/O   v_x [G*R,E], v_t [G*R], v_y [G*R] i64, v_eps [G*R,O], v_feat [G*R,feat_row_bytes]
 //   drafter I/O  d_feat [G*n,...], d_x, d_t, d_tfeat (NULL if the drafter has no t_feat), d_y,
-//                d_feat_out, d_eps
+//                d_feat_out, d_eps; with parent_gap (guided) only the conditional rows [n,...]
 //   maths        mean_p/log_var_p/mean_q/log_var_q [R,E], eps_q [R,O], log_r/uniform/gamma [R] f64
 //   report       [S+1, 5] i32: per slot (new step, accepted, residual proposals, flags, 2^30 - the
 //                first window position whose target output was not finite, or 0), then the round's
@@ -209,6 +210,7 @@ typedef struct freedit_round {
   double* gamma;
   int* report;
   float* results;
+  float* parent_gap;  // [S,O] cond - null output of each slot's parent, or NULL: guided drafts draft both rows
 } freedit_round;
 
 // New samples enter free slots: joins [n, 2] (slot, sample) and labels [n] (device arrays). The

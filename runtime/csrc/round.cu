@@ -195,6 +195,7 @@ __global__ void draft_step_kernel(freedit_round r, int k, int n, int R, int froz
     const int src = r.draft_src[(k - 1) * S + j], s = r.row_slot[src], st = r.row_step[src], dst = src + 1;
     const float* eps_row = frozen ? r.parent_eps + row_offset(s, O) : r.d_eps + row_offset(j, O);
     const float* null_row = r.d_eps + row_offset(n + j, O);
+    const float* gap_row = r.parent_gap ? r.parent_gap + row_offset(s, O) : nullptr;
     float z[4];
     normals4(philox_block(r.seed, static_cast<uint32_t>(b), r.sample[s], keyed_step(st, round_stream(r, s)), kDraft),
              z);
@@ -202,7 +203,8 @@ __global__ void draft_step_kernel(freedit_round r, int k, int n, int R, int froz
       const int e = 4 * b + i;
       if (e >= E) break;
       float eps = eps_row[e];
-      if (!frozen && r.guided && e < guided_elems) eps = cfg_element(eps, null_row[e], r.cfg_scale);
+      if (!frozen && r.guided && e < guided_elems)  // the null row drafted, or implied by the parent's gap
+        eps = cfg_element(eps, gap_row ? sub_rn(eps, gap_row[e]) : null_row[e], r.cfg_scale);
       const float v = learned ? eps_row[E + e] : 0.0f;  // v from the conditional row
       float mean, lv;
       transition_element(r.table, st, r.variance, r.v_x[row_offset(src, E) + e], eps, v, &mean, &lv);
@@ -370,6 +372,9 @@ __global__ void commit_kernel(freedit_round r, int R) {
     copy_row(static_cast<char*>(r.parent_feat) + row_offset(s * G + g, r.feat_row_bytes),
              static_cast<const char*>(r.v_feat) + row_offset(g * R + parent, r.feat_row_bytes), r.feat_row_bytes);
   for (int o = threadIdx.x; o < O; o += blockDim.x) r.parent_eps[row_offset(s, O) + o] = r.eps_q[row_offset(parent, O) + o];
+  if (r.parent_gap)
+    for (int o = threadIdx.x; o < O; o += blockDim.x)
+      r.parent_gap[row_offset(s, O) + o] = sub_rn(r.v_eps[row_offset(parent, O) + o], r.v_eps[row_offset(R + parent, O) + o]);
   __syncthreads();  // x is complete
   if (new_step < 0 && r.results && static_cast<int>(sample) < r.results_rows)
     for (int e = threadIdx.x; e < E; e += blockDim.x) r.results[row_offset(static_cast<int>(sample), E) + e] = x[e];
@@ -399,7 +404,7 @@ bool valid(const freedit_round* r) {
          r->row_slot && r->row_pos && r->row_step && r->table && r->timesteps && r->v_x && r->v_t && r->v_y &&
          r->v_eps && r->v_feat && r->mean_q && r->log_var_q && r->eps_q && r->report &&
          r->guided_channels >= 0 && r->guided_channels <= r->channels && (!r->ddim || r->ddim_table) &&
-         (r->relax <= 0.0f || r->relax_table) &&
+         (r->relax <= 0.0f || r->relax_table) && (!r->parent_gap || r->guided) &&
          (r->relax_score == FREEDIT_RELAX_GAP || r->relax_score == FREEDIT_RELAX_VARIANCE) &&
          (r->verifier == FREEDIT_VERIFY_STEP || (r->verifier == FREEDIT_VERIFY_BLOCK && r->relax <= 0.0f));
 }
@@ -433,7 +438,7 @@ extern "C" int freedit_round_draft_inputs(const freedit_round* r, int k, int n, 
   if (!valid(r) || !has_drafts(r) || !r->d_feat || !r->d_x || !r->d_t || !r->d_y) return cudaErrorInvalidValue;
   if (k < 1 || k > r->max_window || n <= 0 || n > r->slots || (k > 1 && (!r->d_feat_out || n_prev < n)))
     return cudaErrorInvalidValue;
-  FREEDIT_LAUNCH(draft_inputs_kernel, (r->guided ? 2 : 1) * n, kThreads, 0, as_stream(stream))(*r, k, n, n_prev);
+  FREEDIT_LAUNCH(draft_inputs_kernel, (r->guided && !r->parent_gap ? 2 : 1) * n, kThreads, 0, as_stream(stream))(*r, k, n, n_prev);
   return finish_launch();
 }
 
