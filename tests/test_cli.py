@@ -29,6 +29,19 @@ def test_generate_writes_grid_samples_and_stats(tiny_latent_dir, tmp_path):
     assert stats["settings"]["cfg_scale"] == 2.0  # the model directory's default
 
 
+def test_generate_passes_the_draft_guidance(tiny_free_dir, tmp_path):
+    """--draft-guidance reaches the sampler (its stats record the rule); the default is the parent's gap."""
+    for rule, want in (("drafter", "drafter"), (None, "parent")):
+        stats = tmp_path / f"{rule}.json"
+        out = run_cli("generate", "--model", tiny_free_dir, "--classes", "0-1", "--steps", 8, "--cfg-scale", 2,
+                      "--sampler", "free", "--window", 2, "--latents", tmp_path / "l.npy", "--stats", stats,
+                      "--no-progress", *(("--draft-guidance", rule) if rule else ()))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(stats.read_text())["settings"]["draft_guidance"] == want
+    out = run_cli("generate", "--model", tiny_free_dir, "--draft-guidance", "both", "--latents", tmp_path / "l.npy")
+    assert out.returncode == 2 and "invalid choice: 'both'" in out.stderr
+
+
 def test_help_explains_every_option():
     out = run_cli("generate", "--help")
     assert out.returncode == 0
