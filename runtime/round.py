@@ -127,8 +127,8 @@ def layout(spec: RoundSpec) -> dict[str, tuple[tuple[int, ...], str]]:
             })
             if spec.t_feat:
                 buffers["d_tfeat"] = ((G * S,), "float32")
-            if spec.parent_guidance:  # cond - null output of each slot's parent, from its verification
-                buffers["parent_gap"] = ((S, O, H, W), "float32")
+    if spec.parent_guidance:  # cond - null output of each slot's parent: every commit writes it (L may be 0)
+        buffers["parent_gap"] = ((S, O, H, W), "float32")
     return buffers
 
 

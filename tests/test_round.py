@@ -181,6 +181,10 @@ def test_round_kernels_match_numpy_parent_guidance(device_maths, verifier):
         assert p.spec.draft_rows_per_state == 1 and p.spec.engine_rows()["drafter"] == p.spec.slots
         _full_round(p)
         assert p.a["has_parent"][p.a["window_of"] >= 0].all()
+    # a window of 0 everywhere (adaptive on a CPU): no drafts, yet every commit records the gap
+    p = Pair(device_maths, _spec(window=0, parent_guidance=True), _settings(window=0, verifier=verifier), seed=25)
+    p.random_state(40)
+    _full_round(p)
     # numpy's draft against the formula, on the last Pair's first draft position
     p = Pair(device_maths, _spec(parent_guidance=True), _settings(verifier=verifier), seed=30)
     p.random_state(40)
