@@ -89,10 +89,19 @@ class Setting:
         return f"{self.spacing}@cfg{self.cfg_scale:g}"
 
 
+def row_outputs(dit: DiT, feat: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    """(conditional, null) eps_v from per-state features [B, rows, T, H] through the frozen head;
+    null is None for one row."""
+    cond = dit.head(feat[:, 0], dit.conditioning(t, y))
+    if feat.shape[1] == 1:
+        return cond, None
+    return cond, dit.head(feat[:, 1], dit.conditioning(t, torch.full_like(y, dit.config.num_classes)))
+
+
 def parent_gap(dit: DiT, parent: torch.Tensor, t_parent: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """cond - null output of the parent from its real features [B, 2, T, H] at its timesteps."""
-    null = torch.full_like(y, dit.config.num_classes)
-    return dit.head(parent[:, 0], dit.conditioning(t_parent, y)) - dit.head(parent[:, 1], dit.conditioning(t_parent, null))
+    cond, null = row_outputs(dit, parent, t_parent, y)
+    return cond - null
 
 
 def draft_output(dit: DiT, drafted: torch.Tensor, t, y, cfg_scale: float, gap: torch.Tensor | None) -> torch.Tensor:
@@ -100,17 +109,14 @@ def draft_output(dit: DiT, drafted: torch.Tensor, t, y, cfg_scale: float, gap: t
     only, with the null row the parent's gap implies (runtime/round_numpy.draft_step)."""
     if gap is None:
         return guided_output(dit, drafted, t, y, cfg_scale)
-    cond = dit.head(drafted[:, 0], dit.conditioning(t, y))
+    cond, _ = row_outputs(dit, drafted[:, :1], t, y)
     return dit.cfg_combine(cond, cond - gap, cfg_scale)
 
 
 def guided_output(dit: DiT, feat: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """Guided eps_v from per-state features [B, rows, T, H] through the frozen head (rows: cond, null)."""
-    null = torch.full_like(y, dit.config.num_classes)
-    cond = dit.head(feat[:, 0], dit.conditioning(t, y))
-    if feat.shape[1] == 1:
-        return cond
-    return dit.cfg_combine(cond, dit.head(feat[:, 1], dit.conditioning(t, null)), cfg_scale)
+    cond, null = row_outputs(dit, feat, t, y)
+    return cond if null is None else dit.cfg_combine(cond, null, cfg_scale)
 
 
 @torch.no_grad()

@@ -387,7 +387,7 @@ class Pipeline:
         if speculative:
             settings_out.update(window=window if window_schedule is None else "schedule", relax=relax,
                                 **({"relax_score": relax_score} if relax > 0 else {}), verifier=verifier,
-                                **({"draft_guidance": draft_guidance} if sampler != "frozen" and cfg_scale != 1.0 else {}),
+                                **({"draft_guidance": draft_guidance} if spec.drafter == "free" and spec.guided else {}),
                                 micro_batches=int(micro_batches))
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),

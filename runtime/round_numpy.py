@@ -84,8 +84,12 @@ class NumpyRoundMaths(RoundMaths):
         """Guided model output of n states from rows [cond n; null n] (ops.cfg_combine)."""
         if not ws.spec.guided:
             return eps_v[:n]
+        return self._combine(ws, eps_v[:n], eps_v[n:2 * n])
+
+    @staticmethod
+    def _combine(ws, cond: np.ndarray, null: np.ndarray) -> np.ndarray:
         info = ws.spec.info
-        return ops.cfg_combine(eps_v[:n], eps_v[n:2 * n], ws.settings.cfg_scale, info.in_channels, info.cfg_mode)
+        return ops.cfg_combine(cond, null, ws.settings.cfg_scale, info.in_channels, info.cfg_mode)
 
     # -- the round's ops ----------------------------------------------------------------------------
     def join(self, ws, joins, labels, lane) -> None:
@@ -153,7 +157,7 @@ class NumpyRoundMaths(RoundMaths):
             eps_v = ws["parent_eps"][slots]
         elif spec.parent_guidance:  # the null row the parent's gap implies: eps_c + (s - 1) gap on guided channels
             cond = ws["d_eps"][:n]
-            eps_v = self._guided(ws, np.concatenate([cond, cond - ws["parent_gap"][slots]]), n)
+            eps_v = self._combine(ws, cond, cond - ws["parent_gap"][slots])
         else:
             eps_v = self._guided(ws, ws["d_eps"], n)
         mp, lvp = ops.transition(s.schedule, ws["v_x"][src], eps_v, st, spec.fixed_variance)
