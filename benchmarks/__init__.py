@@ -7,3 +7,12 @@ def command_line(module: str, argv: list[str] | None) -> str:
     import sys
 
     return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def add_draft_guidance_argument(parser) -> None:
+    """``--draft-guidance`` of the CLIs that sample with FREE, so that figures recorded with either rule rerun."""
+    from freedit.runtime.contract import DRAFT_GUIDANCE  # here, to keep this package's import light
+
+    parser.add_argument("--draft-guidance", choices=DRAFT_GUIDANCE, default=None,
+                        help="where guided FREE drafts take their guidance from; default: the model's (parent for "
+                        "the bundled digits model); \"drafter\" reproduces records made before the option existed")

@@ -7,7 +7,10 @@ For steps x CFG scale x sampler (free, frozen) x L x drafter (new, old): accepta
 by timestep), mean serial DiT calls per image, NFE speed-up, class accuracy and FD-digits, N
 images per entry with fixed labels and seed. The sequential sampler runs the same settings over
 several seeds: the spread of its FD-digits and class accuracy is what "within the sequential
-sampler's seed-to-seed spread" means for the lossless entries.
+sampler's seed-to-seed spread" means for the lossless entries. Each distinct lossless run is also
+tested against those seeds (class errors: Fisher exact against the pooled seeds; FD-digits: the
+t prediction interval of the seeds), with Holm's correction over the whole matrix, since a
+mean +- 2 std band alone lets about 1 exact entry in 20 out by construction.
 
 Resumable: entries already in <out>.json (same N and seed) are skipped, and the JSON is rewritten
 after every entry, so an interrupted run continues where it stopped. The frozen sampler uses no
@@ -26,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import command_line
+from freedit.benchmarks import add_draft_guidance_argument, command_line
+from freedit.benchmarks.biased_rules import RULES
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
+from freedit.benchmarks.two_sample import error_count_test, holm, prediction_t_test
 from freedit.benchmarks.lossless_power import digits_pipeline
-from freedit.runtime.contract import DRAFT_GUIDANCE
 from freedit.runtime.outputs import write_outputs
 from freedit.runtime.pipeline import Pipeline, default_model_dir
 from freedit.runtime.schedule import Schedule
@@ -38,6 +42,9 @@ from freedit.runtime.schedule import Schedule
 TARGETS = {250: 4.5, 100: 2.5, 50: 2.0}
 #: CFG 4.0 must reach this share of the CFG 1.5 figure.
 CFG4_SHARE = 0.85
+#: Family-wise level of the per-run consistency tests against the sequential seeds.
+ALPHA = 0.05
+TESTED = ("class_accuracy_p", "fd_digits_p")
 #: new: the shipped drafter, trained across settings; old: the first one (250 steps, CFG 1.5, trained on
 #: misaligned targets), kept as drafter_v1.* for the figures recorded with it.
 DEFAULT_DRAFTERS = f"new={default_model_dir() / 'drafter.onnx'},old={default_model_dir() / 'drafter_v1.onnx'}"
@@ -57,9 +64,16 @@ def labelled_paths(text: str) -> dict[str, Path]:
     return out
 
 
+#: entries: lossless FREE and frozen; sequential: the reference seeds; biased: FREE under a deliberately
+#: biased rule (--rules), run only to show that the consistency screen can fail.
+TABLES = ("entries", "sequential", "biased")
+#: The matrix runs the per-step verifier, which block-unclipped would leave unchanged.
+STEP_RULES = [r for r in RULES if r != "block-unclipped"]
+
+
 def _key(entry: dict) -> tuple:
     return (entry["steps"], float(entry["cfg_scale"]), entry["sampler"], entry.get("window"), entry.get("drafter"),
-            entry.get("seed"))
+            entry.get("seed"), entry.get("rule"))
 
 
 class Matrix:
@@ -71,8 +85,8 @@ class Matrix:
         if old and (old.get("n"), old.get("seed")) != (header["n"], header["seed"]):
             raise SystemExit(f"error: {path} holds N = {old.get('n')}, seed {old.get('seed')}; resuming it needs the "
                              f"same --n and --seed (or give another --out)")
-        self.report = {**header, "entries": old.get("entries", []), "sequential": old.get("sequential", [])}
-        self.done = {_key(e) for e in self.report["entries"] + self.report["sequential"]}
+        self.report = {**header, **{table: old.get(table, []) for table in TABLES}}
+        self.done = {_key(e) for table in TABLES for e in self.report[table]}
 
     def has(self, **key) -> bool:
         return _key(key) in self.done
@@ -83,7 +97,7 @@ class Matrix:
         if (other.get("n"), other.get("seed")) != (self.report["n"], self.report["seed"]):
             raise SystemExit(f"error: {path} holds N = {other.get('n')}, seed {other.get('seed')}; cannot merge it")
         taken = 0
-        for table in ("entries", "sequential"):
+        for table in TABLES:
             for e in other.get(table, []):
                 if _key(e) not in self.done:
                     self.report[table].append(e)
@@ -105,6 +119,8 @@ class Matrix:
         # Every recorded seed counts: a later run with fewer --spread-seeds (e.g. for the costly
         # 250-step settings) does not drop the seeds an earlier run recorded.
         self.report["spread"] = sequential_spread(self.report["sequential"])
+        self.report["consistency"] = consistency(self.report["entries"], self.report["sequential"],
+                                                 self.report["biased"])
         write_outputs({self.path: json.dumps(self.report, indent=1).encode()})
 
 
@@ -121,6 +137,54 @@ def sequential_spread(rows: list[dict]) -> dict:
             out[name][metric] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                                  "min": float(v.min()), "max": float(v.max())}
     return out
+
+
+def run_label(entry: dict) -> str:
+    """One sampled run: the frozen sampler's entry is listed under every drafter but was run once."""
+    drafter = f"/{entry['drafter']}" if entry["sampler"] == "free" else ""
+    rule = f"/rule {entry['rule']}" if entry.get("rule") else ""
+    return (f"{entry['steps']}/{entry['cfg_scale']:g}/{entry['sampler']}/L={entry['window']}{drafter}{rule}"
+            f"/seed {entry['seed']}")
+
+
+def _errors(row: dict) -> int:
+    return round(row["n"] * (1 - row["class_accuracy"]))
+
+
+def _tested_runs(entries: list[dict], refs: dict[tuple, list[dict]]) -> dict[str, dict]:
+    """Raw p of each distinct run (with reference seeds) and its Holm-adjusted p over all of them."""
+    runs: dict[str, dict] = {}
+    for e in entries:
+        ref = refs.get((e["steps"], e["cfg_scale"]), [])
+        if len(ref) >= 2 and run_label(e) not in runs:
+            runs[run_label(e)] = {
+                "class_accuracy_p": error_count_test(_errors(e), e["n"], sum(map(_errors, ref)), sum(r["n"] for r in ref)),
+                "fd_digits_p": prediction_t_test(e["fd_digits"], [r["fd_digits"] for r in ref]), "seeds": len(ref)}
+    names = [(label, metric) for label in runs for metric in TESTED]
+    for (label, metric), q in zip(names, holm([runs[label][m] for label, m in names]) if names else ()):
+        runs[label][metric.replace("_p", "_holm_p")] = float(q)
+    return runs
+
+
+def consistency(entries: list[dict], sequential: list[dict], biased: list[dict] = ()) -> dict:
+    """Each distinct lossless run against the sequential seeds of its setting: two-sided p of its class
+    errors (Fisher exact, seeds pooled) and of its FD-digits (t prediction interval), then Holm over
+    every test in the matrix. Under exactness at most about ALPHA of the raw p fall below ALPHA; a
+    bias shows as a Holm-adjusted p below ALPHA. Each biased run is screened as if it were one more
+    entry of the matrix ("flagged": the matrix's verdict would then be "no" because of it)."""
+    refs: dict[tuple, list[dict]] = {}
+    for r in sequential:
+        refs.setdefault((r["steps"], r["cfg_scale"]), []).append(r)
+    runs = _tested_runs(entries, refs)
+    holm_p = [r[m.replace("_p", "_holm_p")] for r in runs.values() for m in TESTED]
+    screened = {}
+    for b in biased:
+        r = _tested_runs([*entries, b], refs).get(run_label(b))
+        if r:
+            screened[run_label(b)] = {**r, "flagged": min(r[m.replace("_p", "_holm_p")] for m in TESTED) < ALPHA}
+    return {"alpha": ALPHA, "tests": len(holm_p), "below_alpha": sum(r[m] < ALPHA for r in runs.values() for m in TESTED),
+            "expected_below_alpha_if_exact": ALPHA * len(holm_p), "min_holm_p": min(holm_p, default=None),
+            "consistent": all(q >= ALPHA for q in holm_p), "runs": runs, "biased": screened}
 
 
 def run_entry(pipe: Pipeline, classifier, labels, **kwargs) -> dict:
@@ -159,7 +223,10 @@ def best_free(entries: list[dict], drafter: str, steps: int, cfg: float) -> dict
 
 
 def markdown(report: dict, stem: str) -> str:
+    from scipy.stats import t as student
+
     entries, spread = report["entries"], report["spread"]
+    tests = consistency(entries, report["sequential"], report.get("biased", []))
     drafters = sorted({e["drafter"] for e in entries})
     lines = [f"# Acceptance matrix: the digits DiT, N = {report['n']} per entry, seed {report['seed']}", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']['platform']}, "
@@ -186,18 +253,23 @@ def markdown(report: dict, stem: str) -> str:
                      + (f"{b['nfe_speedup']:.2f}x (L={b['window']}) | {share:.0%} | {'yes' if share >= CFG4_SHARE else 'no'} | "
                         if b else "- | - | - | ") + f"{old} |")
     lines += ["", "## Sequential seed-to-seed spread", "",
-              "| steps | CFG | seeds | FD-digits mean ± std [min, max] | class accuracy mean ± std [min, max] |",
-              "|---:|---:|---:|---|---|"]
+              "| steps | CFG | seeds | FD-digits mean ± std [min, max] | FD-digits 95% prediction interval | "
+              "class accuracy mean ± std [min, max] |", "|---:|---:|---:|---|---|---|"]
     for name, s in sorted(spread.items(), key=lambda kv: (int(kv[0].split("@")[0]), float(kv[0].split("@")[1]))):
         steps, cfg = name.split("@")
-        fd, acc = s["fd_digits"], s["class_accuracy"]
-        lines.append(f"| {steps} | {cfg} | {len(s['seeds'])} | {fd['mean']:.2f} ± {fd['std']:.2f} [{fd['min']:.2f}, "
-                     f"{fd['max']:.2f}] | {acc['mean']:.3f} ± {acc['std']:.3f} [{acc['min']:.3f}, {acc['max']:.3f}] |")
+        fd, acc, k = s["fd_digits"], s["class_accuracy"], len(s["seeds"])
+        half = student.ppf(1 - ALPHA / 2, k - 1) * fd["std"] * np.sqrt(1 + 1 / k) if k > 1 else float("nan")
+        lines.append(f"| {steps} | {cfg} | {k} | {fd['mean']:.2f} ± {fd['std']:.2f} [{fd['min']:.2f}, "
+                     f"{fd['max']:.2f}] | [{fd['mean'] - half:.2f}, {fd['mean'] + half:.2f}] | "
+                     f"{acc['mean']:.3f} ± {acc['std']:.3f} [{acc['min']:.3f}, {acc['max']:.3f}] |")
     outside = []
     lines += ["", "## Every entry", "",
-              "\"in spread\": FD-digits and class accuracy inside the sequential seeds' mean ± 2 std or their range.", "",
+              "\"in spread\": FD-digits and class accuracy inside the sequential seeds' mean ± 2 std or their range. "
+              "\"p acc.\" / \"p FD\": two-sided p of the run against the sequential seeds of its setting (class errors: "
+              "Fisher exact against the pooled seeds; FD-digits: t prediction interval), before Holm's correction.", "",
               "| steps | CFG | sampler | L | drafter | guidance | acceptance | serial DiT calls / image | NFE speed-up | "
-              "class acc. | FD-digits | in spread |", "|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|:---:|"]
+              "class acc. | FD-digits | in spread | p acc. | p FD |",
+              "|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|"]
     order = lambda e: (e["steps"], e["cfg_scale"], e["sampler"], e["window"], drafters.index(e["drafter"]))  # noqa: E731
     for e in sorted(entries, key=order):
         band = spread.get(f"{e['steps']}@{e['cfg_scale']:g}")
@@ -206,13 +278,42 @@ def markdown(report: dict, stem: str) -> str:
         if ok is False:
             outside.append(e)
         guidance = e.get("draft_guidance", "drafter") if e["sampler"] == "free" else ""
+        run = tests["runs"].get(run_label(e))
         lines.append(f"| {e['steps']} | {e['cfg_scale']:g} | {e['sampler']} | {e['window']} | {e['drafter']} | "
                      f"{guidance} | {e['acceptance']:.3f} | {e['mean_target_calls']:.1f} | {e['nfe_speedup']:.2f}x | "
-                     f"{e['class_accuracy']:.3f} | {e['fd_digits']:.2f} | {'' if ok is None else 'yes' if ok else 'no'} |")
+                     f"{e['class_accuracy']:.3f} | {e['fd_digits']:.2f} | {'' if ok is None else 'yes' if ok else 'no'} | "
+                     + (f"{run['class_accuracy_p']:.3f} | {run['fd_digits_p']:.3f} |" if run else " | |"))
     lines += ["", f"Entries outside the sequential spread: {len(outside)} of {len(entries)}"
               + (": " + ", ".join(f"{e['steps']}/{e['cfg_scale']:g}/{e['sampler']}/L={e['window']}/{e['drafter']}"
-                                  for e in outside) if outside else "") + ".", "",
-              f"![NFE speed-up and acceptance]({stem}.png)"]
+                                  for e in outside) if outside else "") + ".", ""]
+    if tests["tests"]:
+        p, label, metric = min((r[m], label, m) for label, r in tests["runs"].items() for m in TESTED)
+        lines += ["## Consistency with the sequential sampler, tested", "",
+                  f"{len(tests['runs'])} distinct runs, {tests['tests']} tests (class errors and FD-digits of each). "
+                  f"Raw p below {ALPHA:g}: {tests['below_alpha']} (an exact sampler gives at most about "
+                  f"{tests['expected_below_alpha_if_exact']:.1f}: Fisher's test on a handful of errors is conservative, "
+                  f"and runs that share a seed and labels are correlated). Smallest raw p: {p:.3f} ({label}, "
+                  f"{'class errors' if metric == 'class_accuracy_p' else 'FD-digits'}); Holm-adjusted: "
+                  f"{tests['runs'][label][metric.replace('_p', '_holm_p')]:.3f}. Every run consistent with the "
+                  f"sequential sampler at family-wise level {ALPHA:g}: **{'yes' if tests['consistent'] else 'no'}**.", "",
+                  "These figures can only see a gross bias (the prediction interval above is the FD-digits shift one "
+                  "entry must show); a subtle one is the transition tests' job (lossless_power_*).", ""]
+    if tests["biased"]:
+        lines += ["### Can the screen fail? FREE under deliberately biased rules", "",
+                  "Each run is screened as one more entry of the matrix (benchmarks/biased_rules.py; numpy maths): "
+                  "\"flagged\" means its Holm-adjusted p is below the family-wise level, which would turn the verdict "
+                  "above to no.", "",
+                  "| steps | CFG | L | drafter | rule | acceptance | NFE speed-up | class acc. | FD-digits | p acc. | p FD "
+                  "| flagged |", "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+        for b in sorted(report["biased"], key=lambda e: (e["rule"], *order(e))):
+            r = tests["biased"].get(run_label(b))
+            if r:
+                lines.append(f"| {b['steps']} | {b['cfg_scale']:g} | {b['window']} | {b['drafter']} | {b['rule']} | "
+                             f"{b['acceptance']:.3f} | {b['nfe_speedup']:.2f}x | {b['class_accuracy']:.3f} | "
+                             f"{b['fd_digits']:.2f} | {r['class_accuracy_p']:.2g} | {r['fd_digits_p']:.2g} | "
+                             f"{'yes' if r['flagged'] else 'no'} |")
+        lines.append("")
+    lines.append(f"![NFE speed-up and acceptance]({stem}.png)")
     return "\n".join(lines) + "\n"
 
 
@@ -282,13 +383,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     parser.add_argument("--out", default="benchmarks/results/acceptance_matrix")
-    parser.add_argument("--draft-guidance", default=None, choices=DRAFT_GUIDANCE,
-                        help="guided FREE's draft guidance (runtime/contract.py); default: the model's")
+    add_draft_guidance_argument(parser)
+    parser.add_argument("--rules", default="", help="biased decide rules (benchmarks/biased_rules.py: "
+                        f"{', '.join(STEP_RULES)}) to run FREE under at every setting, to show what the consistency "
+                        "screen catches; recorded apart from the lossless entries")
     parser.add_argument("--merge", default="", help="JSON files of other runs of this matrix (e.g. parts run in "
                         "parallel with other --samplers/--steps) whose entries are taken in first")
     args = parser.parse_args(argv)
     steps, cfgs, windows = _csv(args.steps, int), _csv(args.cfg_scales, float), _csv(args.windows, int)
     samplers = _csv(args.samplers)  # may be empty: only the sequential spread (or only a merge)
+    rules = _csv(args.rules)
+    if set(rules) - set(STEP_RULES):
+        raise SystemExit(f"error: unknown --rules {sorted(set(rules) - set(STEP_RULES))}; choose from "
+                         f"{', '.join(STEP_RULES)}")
     if set(samplers) - {"free", "frozen"} or min(windows) < 1 or min(steps) < 1 or args.n < 2 or args.spread_seeds < 0:
         raise SystemExit("error: samplers are free/frozen, windows and steps >= 1, n >= 2, spread seeds >= 0")
     drafters = labelled_paths(args.drafters)
@@ -338,6 +445,15 @@ def main(argv: list[str] | None = None) -> int:
                         matrix.add("entries", {**entry, "window": window, "drafter": d, "seed": args.seed,
                                                "uses_drafter": sampler == "free"})
                         _log(matrix.report["entries"][-1])
+    for rule in rules:  # after the matrix itself: these runs are only the screen's power check
+        for s, cfg, window, d in ((s, c, w, d) for s in sorted(steps) for c in cfgs for w in windows for d in pipes):
+            if not matrix.has(steps=s, cfg_scale=cfg, sampler="free", window=window, drafter=d, seed=args.seed, rule=rule):
+                with RULES[rule]():  # the rules override the numpy round's maths
+                    entry = run_entry(pipes[d], classifier, labels, sampler="free", steps=s, cfg_scale=cfg,
+                                      window=window, seed=args.seed, batch_size=args.batch_size,
+                                      draft_guidance=args.draft_guidance, maths="numpy")
+                matrix.add("biased", {**entry, "window": window, "drafter": d, "seed": args.seed, "rule": rule})
+                _log(matrix.report["biased"][-1])
     matrix.save()
     write_outputs({Path(f"{out}.md"): markdown(matrix.report, out.name).encode()})
     plot(matrix.report, Path(f"{out}.png"))

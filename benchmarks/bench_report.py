@@ -18,7 +18,9 @@ def markdown(report: dict, stem: str) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
              f"{cfg['n']} images per configuration, {cfg['repeats']} repeat(s), interleaved; seed {cfg['seed']}. "
              "Wall-clock speed-up = sequential's median seconds per image / this configuration's, same run. "
-             "NFE speed-up = steps / serial target calls per image.", ""]
+             "NFE speed-up = steps / serial target calls per image. Guided FREE's draft guidance: "
+             + (", ".join(sorted({r["draft_guidance"] for g in report["groups"] for r in g["configs"]
+                                  if "draft_guidance" in r})) or "n/a") + ".", ""]
     for g in report["groups"]:
         lines += [f"## {g['model']} · {g['backend']} · batch {g['batch_size']} · {g['steps']} steps · CFG {g['cfg_scale']:g}", "",
                   "| sampler | s / image (median) | p90 | wall-clock speed-up | serial target calls | NFE speed-up | "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import command_line
+from freedit.benchmarks import add_draft_guidance_argument, command_line
 from freedit.benchmarks.acceptance_matrix import run_entry, within
 from freedit.benchmarks.lossless_power import digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier
@@ -58,6 +58,12 @@ def _key(e: dict) -> tuple:
     return (e["steps"], float(e["cfg_scale"]), e["sampler"], e["window"], e["verifier"])
 
 
+def rules(report: dict) -> set[str]:
+    """The draft guidance of a report's guided FREE entries (drafter where none is recorded: made before the option)."""
+    return {e.get("draft_guidance", "drafter") for e in report.get("entries", [])
+            if e["sampler"] == "free" and float(e["cfg_scale"]) != 1.0}
+
+
 def pairs(entries: list[dict]) -> list[tuple[dict, dict]]:
     """(step entry, block entry) of every setting that has both, in the order they were run."""
     by = {_key(e): e for e in entries}
@@ -73,6 +79,7 @@ def markdown(report: dict, stem: str) -> str:
              f"Machine: {report['machine']['platform']}, "
              f"{report['machine']['cpu_count']} CPU cores, ONNX Runtime {report['machine']['onnxruntime']} (CPU)", "",
              f"Drafter: `{Path(report['drafter']).name}`{' (' + report['drafter_note'] + ')' if 'drafter_note' in report else ''}.  ",
+             f"Guided FREE's draft guidance: {', '.join(sorted(rules(report))) or 'n/a'}.  ",
              "",
              "Same labels, seed and drafter for both verifiers; NFE speed-up = steps / serial "
              "DiT calls per image (deterministic given the seed, so not a timing). \"in spread\": FD-digits and "
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafter", default=str(default_model_dir() / "drafter.onnx"),
                         help="drafter.onnx for the digits DiT (default: the shipped one)")
     parser.add_argument("--out", default="benchmarks/results/block_verification")
+    add_draft_guidance_argument(parser)
     args = parser.parse_args(argv)
     drafter = Path(args.drafter)
     if not drafter.is_file():
@@ -144,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --n must be at least 10 (one image per class)")
     import onnxruntime
 
+    pipe = digits_pipeline(drafter, args.threads)
+    rule = args.draft_guidance or pipe.defaults["draft_guidance"]
     out = Path(args.out)
     path = Path(f"{out}.json")
     report = json.loads(path.read_text()) if path.is_file() else {}
@@ -153,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if report and Path(report.get("drafter", "")).name != drafter.name:
         raise SystemExit(f"error: {path} was made with the drafter {report.get('drafter')}; resume it with that "
                          f"--drafter, or use another --out")
+    if rules(report) - {rule}:  # one rule per report: its entries are keyed without it
+        raise SystemExit(f"error: {path} was made with draft guidance {', '.join(sorted(rules(report)))}; resume it "
+                         f"with that --draft-guidance, or use another --out")
     report.update({"command": command_line("freedit.benchmarks.block_verification", argv), "n": args.n, "seed": args.seed,
-                   "batch_size": args.batch_size, "drafter": str(drafter),
+                   "batch_size": args.batch_size, "drafter": str(drafter), "draft_guidance": args.draft_guidance,
                    "spread": json.loads(Path(args.spread).read_text())["spread"] if Path(args.spread).is_file() else {},
                    "machine": {"python": platform.python_version(), "platform": platform.platform(),
                                "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__}})
@@ -166,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {part} holds N = {other.get('n')}, seed {other.get('seed')}; cannot merge it")
         if Path(other.get("drafter", "")).name != drafter.name:
             raise SystemExit(f"error: {part} was made with the drafter {other.get('drafter')}; cannot merge it")
+        if rules(other) - {rule}:
+            raise SystemExit(f"error: {part} was made with draft guidance {', '.join(sorted(rules(other)))}; "
+                             "cannot merge it")
         report.setdefault("parts", {})[Path(part).name] = other["command"]
         for e in other["entries"]:
             if _key(e) not in done:
@@ -176,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs({path: json.dumps(report, indent=1).encode()})
 
     save()
-    pipe = digits_pipeline(drafter, args.threads)
     classifier = DigitsClassifier.load()
     labels = np.arange(args.n) % 10
     for steps, cfg, sampler, window in settings:
@@ -184,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             if (steps, cfg, sampler, window, verifier) in done:
                 continue
             entry = run_entry(pipe, classifier, labels, sampler=sampler, steps=steps, cfg_scale=cfg, window=window,
-                              seed=args.seed, batch_size=args.batch_size, verifier=verifier, maths="numpy")
+                              seed=args.seed, batch_size=args.batch_size, verifier=verifier, maths="numpy",
+                              draft_guidance=args.draft_guidance)
             entry.update(window=window, verifier=verifier,
                          residual_proposals_per_image=entry["residual_proposals"] / args.n)
             entry.pop("acceptance_by_step", None)

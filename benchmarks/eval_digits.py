@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.benchmarks import command_line
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.images import save_png
 from freedit.runtime.pipeline import Pipeline
@@ -53,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for scale in [float(s) for s in args.cfg_scales.split(",")]:
         t0 = time.perf_counter()
-        result = pipe.generate(labels, steps=args.steps, cfg_scale=scale, seed=args.seed,
+        # sampler named: the model's default sampler is FREE since pipeline.json gained a drafter
+        result = pipe.generate(labels, sampler="sequential", steps=args.steps, cfg_scale=scale, seed=args.seed,
                                batch_size=args.batch_size, progress=True)
         metrics = evaluate(result.samples, labels, classifier=classifier)
-        row = {"cfg_scale": scale, "class_accuracy": metrics["class_accuracy"], "fd_digits": metrics["fd_digits"],
+        row = {"cfg_scale": scale, "sampler": result.settings["sampler"], "class_accuracy": metrics["class_accuracy"], "fd_digits": metrics["fd_digits"],
                "n": args.n, "seconds": time.perf_counter() - t0}
         rows.append(row)
         save_png(result.grid(ncol=16, scale=2), f"{args.out}_cfg{scale:g}.png")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"real_floor": floor}), flush=True)
     import onnxruntime
 
-    report = {"command": "python -m freedit.benchmarks.eval_digits " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": command_line("freedit.benchmarks.eval_digits", argv),
               "sampler": "sequential DDPM", "steps": args.steps, "seed": args.seed, "model": pipe.source,
               "machine": {"python": platform.python_version(), "platform": platform.platform(),
                           "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},

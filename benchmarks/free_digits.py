@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import command_line
+from freedit.benchmarks import add_draft_guidance_argument, command_line
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.pipeline import Pipeline
 
@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", default="benchmarks/results/free_digits")
+    add_draft_guidance_argument(parser)
     args = parser.parse_args(argv)
     pipe = Pipeline.from_directory(args.model) if args.model else Pipeline.default()
     classifier = DigitsClassifier.load()
     labels = np.arange(args.n) % 10
-    common = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)
+    common = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
+                  draft_guidance=args.draft_guidance)  # rows record the rule from result.settings
     rows = [run_one(pipe, labels, classifier, sampler="sequential", **common)]
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "acceptance_by_step"}), flush=True)
     windows = [int(w) for w in args.windows.split(",")]
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     seq = rows[0]
     report = {"command": command_line("freedit.benchmarks.free_digits", argv),
               "model": pipe.source, "n": args.n, "steps": args.steps, "cfg_scale": seq["cfg_scale"],
-              "best_lossless_window": best["window"],
+              "best_lossless_window": best["window"], "draft_guidance": args.draft_guidance,
               "machine": {"python": platform.python_version(), "platform": platform.platform(),
                           "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
               "results": rows}
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     plot_acceptance([r for r in rows if r["sampler"] != "sequential" and (r.get("window") == best["window"])],
                     seq["num_steps"], f"{args.out}_acceptance.png")
     lines = [f"# FREE on the digits DiT: {args.n} images per sampler, DDPM {args.steps} steps, "
-             f"CFG {report['cfg_scale']:g}, seed {args.seed}", "", f"Command: `{report['command']}`", "",
+             f"CFG {report['cfg_scale']:g}, seed {args.seed}", "", f"Command: `{report['command']}`  ",
+             "Guided FREE's draft guidance: " + next((r["draft_guidance"] for r in rows if "draft_guidance" in r), "n/a"),
+             "",
              "| sampler | L | λ | serial target calls / image | NFE speed-up | acceptance | class accuracy | FD-digits | "
              "CPU s / image |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.runtime.contract import DRAFT_GUIDANCE
 from freedit.runtime.pipeline import BACKENDS, Pipeline, default_model_dir
 
 SAMPLERS = ("sequential", "frozen", "free", "free-relax", "adaptive")
@@ -50,6 +51,7 @@ class BenchConfig:
     adaptive_max_window: int = 8
     pilot_n: int = 32  # images of the pilot FREE run that gives the adaptive policy its acceptance profile
     cost_repeats: int = 5
+    draft_guidance: str | None = None  # guided FREE's (pilot included): "parent" or "drafter"; None: the model's
 
     def validate(self) -> None:
         if not self.models:
@@ -84,6 +86,8 @@ class BenchConfig:
         for name in ("n", "repeats", "pilot_n", "cost_repeats", "adaptive_max_window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise BenchError(f"{name.replace('_', ' ')} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.draft_guidance is not None and self.draft_guidance not in DRAFT_GUIDANCE:
+            raise BenchError(f"unknown draft guidance {self.draft_guidance!r}; choose from {', '.join(DRAFT_GUIDANCE)}")
         if self.reference is not None:
             load_reference(self.reference)  # shape and type checked now, not after an hour of sampling
 
@@ -272,7 +276,7 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
             cfg_scale = float(pipe.defaults["cfg_scale"] if scale is None else scale)
             group = {"model": model, "backend": pipe.backend.name, "batch_size": batch, "steps": steps,
                      "cfg_scale": cfg_scale, "configs": []}
-            common = dict(steps=steps, cfg_scale=cfg_scale, batch_size=batch)
+            common = dict(steps=steps, cfg_scale=cfg_scale, batch_size=batch, draft_guidance=cfg.draft_guidance)
             schedule = None
             if any(v["sampler"] == "adaptive" for v in variants):
                 log(f"[{model} {backend} B={batch}] adaptive: pilot FREE run and cost curve ...")
@@ -285,6 +289,7 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                                           else None)
                 schedule, rates = choose_windows(acc, cost, cfg.adaptive_max_window)
                 group["adaptive"] = {
+                    "draft_guidance": pilot.settings.get("draft_guidance"),  # the pilot's rule: the runs' too
                     "cost_curve": cost.to_dict(), "acceptance_profile": acc.tolist(), "windows": schedule.tolist(),
                     "expected_steps_per_second": float(rates.mean()),
                     "expected_steps_per_second_fixed": {str(w): fixed_window_rate(acc, cost, w)
@@ -311,6 +316,8 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                            "peak_rss_mb": mem.peak / 2**20}
                     if "acceptance" in m:
                         run.update(acceptance=m["acceptance"], accepted=m["accepted"], decided=m["decided"])
+                    if "draft_guidance" in result.settings:  # the rule applied (guided FREE only)
+                        run["draft_guidance"] = result.settings["draft_guidance"]
                     if rep == 0:
                         run["acceptance_by_step"] = m.get("acceptance_by_step", {})
                         if cfg.quality:
@@ -344,7 +351,8 @@ def _aggregate(variants: list[dict], runs: dict[str, list[dict]]) -> list[dict]:
                "target_seconds_median": float(np.median([r["target_seconds"] for r in rs])),
                "drafter_seconds_median": float(np.median([r["drafter_seconds"] for r in rs])),
                "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)), "runs": rs}
-        for key in ("acceptance", "accepted", "decided", "class_accuracy", "fd_digits", "fid", "inception_score"):
+        for key in ("acceptance", "accepted", "decided", "draft_guidance", "class_accuracy", "fd_digits", "fid",
+                    "inception_score"):
             if key in first:
                 row[key] = first[key]
         row["acceptance_by_step"] = first.get("acceptance_by_step", {})

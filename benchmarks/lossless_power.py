@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import command_line
+from freedit.benchmarks import add_draft_guidance_argument, command_line
 from freedit.benchmarks.biased_rules import RULES
 from freedit.benchmarks.quality import DigitsClassifier
 from freedit.benchmarks.transition_test import Chains, Reference, recording, test_chains
@@ -99,8 +99,9 @@ def _sampler(group: str) -> tuple[str, float, str]:
 
 
 def sample(pipe: Pipeline, group: str, labels: np.ndarray, steps: str, window: int, cfg_scale: float | None,
-           seed_offset: int = 0) -> dict:
-    """One group's chains, recorded transition by transition (numpy round maths)."""
+           seed_offset: int = 0, draft_guidance: str | None = None) -> dict:
+    """One group's chains, recorded transition by transition (numpy round maths); ``draft_guidance``:
+    guided FREE's rule (Pipeline.generate; None = the model's)."""
     sampler, relax, verifier = _sampler(group)
     rule = RULES[group]() if group in RULES else nullcontext()
     chains = Chains(Schedule.create(steps).num_steps)
@@ -108,10 +109,11 @@ def sample(pipe: Pipeline, group: str, labels: np.ndarray, steps: str, window: i
     with rule, recording(chains):
         result = pipe.generate(labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=SEEDS[group] + seed_offset,
                                batch_size=250, window=window, relax=relax, maths="numpy", progress=True,
-                               verifier=verifier)
+                               verifier=verifier, draft_guidance=draft_guidance)
     keep = ("acceptance", "nfe_speedup", "residual_proposals", "residual_cap_hits", "decided")
     return {"chains": chains, "samples": result.samples, "seconds": time.perf_counter() - t0,
-            "summary": {k: result.summary[k] for k in keep if k in result.summary}}
+            "summary": {**{k: result.summary[k] for k in keep if k in result.summary},
+                        **{k: result.settings[k] for k in ("draft_guidance",) if k in result.settings}}}
 
 
 def combined_p(test: dict) -> float:
@@ -129,8 +131,10 @@ def final_sample_tests(ref: dict, other: dict, permutations: int) -> dict:
 
 def run(steps: str = "50", n: int = 512, window: int = 4, cfg_scale: float | None = None,
         groups: tuple[str, ...] = LOSSLESS + BIASED, threads: int | None = None, cache: Path | None = None,
-        final_tests: bool = False, permutations: int = 1000, seed_offset: int = 0, drafter: Path | None = None) -> dict:
+        final_tests: bool = False, permutations: int = 1000, seed_offset: int = 0, drafter: Path | None = None,
+        draft_guidance: str | None = None) -> dict:
     """``drafter``: every speculative group's (the poor one is made from it); default the shipped one.
+    ``draft_guidance``: guided FREE's rule for every FREE group (None = the model's).
     The test's direction is that drafter's proposal too, where a biased rule errs."""
     cache = cache or Path(tempfile.gettempdir()) / "freedit_lossless_power"
     model = default_model_dir()
@@ -144,12 +148,14 @@ def run(steps: str = "50", n: int = 512, window: int = 4, cfg_scale: float | Non
     classifier = DigitsClassifier.load() if final_tests else None
     if final_tests and "sequential" not in groups:
         groups = ("sequential", *groups)
-    report = {"steps": steps, "n": n, "window": window, "cfg_scale": cfg, "drafter": drafter.name, "alpha": ALPHA,
+    report = {"steps": steps, "n": n, "window": window, "cfg_scale": cfg, "drafter": drafter.name,
+              "draft_guidance": draft_guidance, "alpha": ALPHA,
               "primary": PRIMARY,
               "seeds": {g: SEEDS[g] + seed_offset for g in groups}, "poor_drafter_noise": POOR_NOISE, "groups": {}}
     finals = {}
     for group in groups:
-        got = sample(poor if group == "free-poor" else pipe, group, labels, steps, window, cfg, seed_offset)
+        got = sample(poor if group == "free-poor" else pipe, group, labels, steps, window, cfg, seed_offset,
+                     draft_guidance)
         t0 = time.perf_counter()
         test = test_chains(reference, schedule, got["chains"], labels)
         test["p_value"] = combined_p(test)
@@ -180,10 +186,12 @@ def summary_files(report: dict, out: Path) -> dict[Path, bytes]:
                     f"{g['rejected']} |")
     biased = [g for g in report["groups"] if g in BIASED]
     extra = [g for g in report["groups"] if g not in BIASED and g not in LOSSLESS]
+    rules = ", ".join(sorted({g["draft_guidance"] for g in report["groups"].values() if "draft_guidance" in g}))
     text = [f"# Transition test: {report['steps']} steps, L = {report['window']}, CFG {report['cfg_scale']}, "
             f"N = {report['n']} chains per group", "", f"Command: `{report.get('command', '')}`", "",
             f"Drafter: {report.get('drafter', 'drafter.onnx')}"
-            + (f" ({report['drafter_note']})" if report.get("drafter_note") else ""), "",
+            + (f" ({report['drafter_note']})" if report.get("drafter_note") else "") + f"; guided FREE's draft "
+            f"guidance: {rules or 'n/a'}", "",
             "Every committed transition is compared with the DiT's own transition from its committed parent "
             "(benchmarks/transition_test.py); alpha = 0.01. Verdict (lossless groups pass"
             + (f", {' / '.join(biased)} rejected" if biased else "") + f"): **{report['verdict']}**"
@@ -242,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the speculative groups' drafter .onnx (its .safetensors beside it); default: the shipped one")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/lossless_power_50", help="writes OUT.json, OUT.md, OUT.png")
+    add_draft_guidance_argument(parser)
     args = parser.parse_args(argv)
     groups = tuple(g for g in args.groups.split(",") if g)
     bad = [g for g in groups if g not in SEEDS]
@@ -257,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_folder(out.parent)
     report = run(args.steps, args.n, args.window, args.cfg_scale, groups, args.threads,
                  final_tests=args.final_sample_tests, permutations=args.permutations, seed_offset=args.seed_offset,
-                 drafter=args.drafter)
+                 drafter=args.drafter, draft_guidance=args.draft_guidance)
     import onnxruntime
 
     report["command"] = command_line("freedit.benchmarks.lossless_power", argv)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import command_line
+from freedit.benchmarks import add_draft_guidance_argument, command_line
 from freedit.benchmarks.lossless_power import digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.contract import RELAX_SCORES
@@ -56,16 +56,18 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 else None
 
 
-def correlations(pipe, n: int, steps: str, window: int, seed: int) -> dict:
+def correlations(pipe, n: int, steps: str, window: int, seed: int, draft_guidance: str | None = None) -> dict:
     rows: list = []
     with recording_decisions(rows):
         pipe.generate(np.arange(n) % 10, sampler="free", steps=steps, seed=seed, window=window, maths="numpy",
-                      progress=True)
+                      progress=True, draft_guidance=draft_guidance)
     a = np.concatenate(rows)
     st, scores = a[:, 0].astype(int), {"gap": a[:, 1], "variance": a[:, 2]}
     reject = 1.0 - np.exp(np.minimum(0.0, a[:, 3]))
     bands = []
     for part in np.array_split(np.unique(st), BANDS):
+        if not len(part):  # fewer drafted steps than bands (a short schedule): fewer bands
+            continue
         m = np.isin(st, part)
         bands.append({"steps": [int(part[0]), int(part[-1])], "drafts": int(m.sum()),
                       "rejection": float(reject[m].mean()),
@@ -78,22 +80,25 @@ def correlations(pipe, n: int, steps: str, window: int, seed: int) -> dict:
 
 
 def curve_entry(pipe, classifier, labels, steps: str, window: int, seed: int, sampler: str, relax: float = 0.0,
-                score: str | None = None) -> dict:
+                score: str | None = None, draft_guidance: str | None = None) -> dict:
     t0 = time.perf_counter()
-    kw = dict(window=window, relax=relax, relax_score=score) if sampler != "sequential" else {}
+    kw = (dict(window=window, relax=relax, relax_score=score, draft_guidance=draft_guidance)
+          if sampler != "sequential" else {})
     result = pipe.generate(labels, sampler=sampler, steps=steps, seed=seed, progress=True, **kw)
     m = evaluate(result.samples, labels, classifier=classifier)
     s = result.summary
     return {"sampler": sampler, "score": score, "lambda": relax, "acceptance": s.get("acceptance"),
             "nfe_speedup": s["nfe_speedup"], "fd_digits": m["fd_digits"], "class_accuracy": m["class_accuracy"],
-            "cpu_seconds": round(time.perf_counter() - t0, 1)}
+            "cpu_seconds": round(time.perf_counter() - t0, 1),
+            **{k: result.settings[k] for k in ("draft_guidance",) if k in result.settings}}
 
 
 def markdown(report: dict) -> str:
     c = report["correlation"]
     seq = next((e for e in report["curve"] if e["sampler"] == "sequential"), None)
     out = [f"# FREE (relax) scores: {report['steps']} steps, L = {report['window']}, CFG {report['cfg_scale']}, "
-           f"N = {report['n']}", "", f"Command: `{report['command']}`", "",
+           f"N = {report['n']}", "", f"Command: `{report['command']}`  ",
+           f"Guided FREE's draft guidance: {report.get('draft_guidance', 'drafter')}", "",
            f"## Correlation with the exact test's rejection probability (lossless FREE, {c['n']} images, "
            f"{c['drafts']} drafts)", "",
            "| respaced steps | drafts | mean rejection | mean gap | corr gap | mean variance score | corr variance |",
@@ -146,7 +151,8 @@ def plot(report: dict) -> bytes | None:
     b.set_xlabel("NFE speed-up (serial DiT calls)")
     b.set_ylabel("FD-digits (lower is better)")
     b.set_title("lambda curve (labels: lambda)")
-    b.legend(fontsize=8)
+    if b.get_legend_handles_labels()[0]:  # a partial run may have no curve yet
+        b.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variance-lambdas", default="8,16,32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/relax_score", help="writes OUT.json, OUT.md, OUT.png")
+    add_draft_guidance_argument(parser)
     args = parser.parse_args(argv)
     lambdas = {"gap": _floats(args.gap_lambdas), "variance": _floats(args.variance_lambdas)}
     out = Path(args.out)
@@ -182,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(f"{out}.json")
     pipe = digits_pipeline(default_model_dir() / "drafter.onnx", args.threads)
     header = {"steps": args.steps, "n": args.n, "window": args.window, "seed": args.seed,
-              "cfg_scale": pipe.defaults["cfg_scale"]}
+              "cfg_scale": pipe.defaults["cfg_scale"],
+              # resolved, so that a rerun skips only entries made with the same rule (older runs: drafter)
+              "draft_guidance": args.draft_guidance or pipe.defaults["draft_guidance"]}
     report = json.loads(path.read_text()) if path.is_file() else {}
-    if any(report.get(k) != v for k, v in header.items()) and report:
+    recorded = {"draft_guidance": "drafter", **report}  # runs from before the option used the drafter rule
+    if report and any(recorded.get(k) != v for k, v in header.items()):
         raise SystemExit(f"error: {path} holds a run with other settings; choose another --out")
     report.update(header)
     report["command"] = command_line("freedit.benchmarks.relax_score", argv)
@@ -200,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(files)
 
     if "correlation" not in report:
-        report["correlation"] = correlations(pipe, args.corr_n, args.steps, args.window, args.seed + 1)
+        report["correlation"] = correlations(pipe, args.corr_n, args.steps, args.window, args.seed + 1,
+                                             args.draft_guidance)
         save()
         print(json.dumps({"correlation": report["correlation"]["within_band_mean"]}), flush=True)
     classifier = DigitsClassifier.load()
@@ -210,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     for sampler, lam, score in todo:
         if any(e["sampler"] == sampler and e["lambda"] == lam and e["score"] == score for e in report["curve"]):
             continue
-        entry = curve_entry(pipe, classifier, labels, args.steps, args.window, args.seed, sampler, lam, score)
+        entry = curve_entry(pipe, classifier, labels, args.steps, args.window, args.seed, sampler, lam, score,
+                            args.draft_guidance)
         report["curve"].append(entry)
         save()
         print(json.dumps(entry), flush=True)

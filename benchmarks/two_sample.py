@@ -141,3 +141,45 @@ def classifier_test(a, b, classes_a, classes_b, permutations: int = 200, folds: 
     exceed = sum(v >= observed for v in null)
     return {"accuracy": observed, "null_mean": float(np.mean(null)), "p_value": (exceed + 1) / (permutations + 1),
             "permutations": permutations, "folds": folds, "n_a": len(a), "n_b": len(b)}
+
+
+# --------------------------------------------------------------------------------------------
+# One run's summary figures against a reference sampler run over several seeds (the acceptance
+# matrix: is this entry's class accuracy / FD-digits what the sequential sampler gives?).
+# --------------------------------------------------------------------------------------------
+
+
+def error_count_test(errors: int, n: int, ref_errors: int, ref_n: int) -> float:
+    """Two-sided Fisher exact p that errors / n and the pooled reference's ref_errors / ref_n share one rate."""
+    from scipy.stats import fisher_exact
+
+    if not (0 <= errors <= n and 0 <= ref_errors <= ref_n and n > 0 and ref_n > 0):
+        raise ValueError(f"error counts out of range: {errors}/{n}, {ref_errors}/{ref_n}")
+    return float(fisher_exact([[errors, n - errors], [ref_errors, ref_n - ref_errors]])[1])
+
+
+def prediction_t_test(value: float, reference) -> float:
+    """Two-sided p that value is one more draw from the normal law of the k reference values.
+
+    t = (value - mean) / (std * sqrt(1 + 1/k)) has k - 1 degrees of freedom: the reference's own
+    mean and std are estimates, so this is the prediction interval, not mean +- z std."""
+    from scipy.stats import t as student
+
+    ref = np.asarray(reference, np.float64)
+    if ref.ndim != 1 or len(ref) < 2 or not np.isfinite(ref).all() or not np.isfinite(value):
+        raise ValueError("need >= 2 finite reference values and a finite value")
+    scale = ref.std(ddof=1) * np.sqrt(1 + 1 / len(ref))
+    if scale == 0:
+        return 1.0 if value == ref[0] else 0.0
+    return float(2 * student.sf(abs(value - ref.mean()) / scale, len(ref) - 1))
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values: family-wise error control under any dependence between the tests
+    (entries of one matrix share labels and seed, so they are not independent)."""
+    p = np.asarray(p_values, np.float64)
+    order = np.argsort(p)
+    adjusted = np.maximum.accumulate(np.minimum(1.0, (len(p) - np.arange(len(p))) * p[order]))
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out

@@ -410,7 +410,8 @@ def _bench(args: argparse.Namespace) -> int:
         cfg_scales=[None if c.strip() == "default" else float(c) for c in args.cfg_scales.split(",") if c.strip()]
         if args.cfg_scales else [None],
         n=args.n, repeats=args.repeats, seed=args.seed, threads=args.threads, quality=not args.no_quality,
-        reference=args.reference, adaptive_max_window=args.adaptive_max_window, pilot_n=args.pilot_n)
+        reference=args.reference, adaptive_max_window=args.adaptive_max_window, pilot_n=args.pilot_n,
+        draft_guidance=args.draft_guidance)
     cfg.validate()  # every input checked before the first run
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -540,6 +541,7 @@ def _read_token(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from freedit.benchmarks import add_draft_guidance_argument
     from freedit.runtime import limits as lim
     from freedit.runtime.contract import DRAFT_GUIDANCE, RELAX_SCORES, VERIFIERS
 
@@ -700,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-quality", action="store_true", help="skip FD/accuracy/FID")
     k.add_argument("--adaptive-max-window", type=ascii_int, default=8, help="largest L the adaptive window may choose")
     k.add_argument("--pilot-n", type=ascii_int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
+    add_draft_guidance_argument(k)  # the benchmark CLIs' option, for the pilot and every FREE run
     k.add_argument("--out", default="bench_results", help="output folder")
     k.add_argument("--name", default="bench", help="file stem of the outputs")
     k.add_argument("--host-overhead", action="store_true",

@@ -127,6 +127,11 @@ def check_draft_guidance(value) -> str:
     return value
 
 
+def draft_guidance_applies(sampler: str, cfg_scale: float) -> bool:
+    """Only guided drafts of the learned drafter have a guidance rule to choose (frozen drafts copy the parent)."""
+    return sampler in ("free", "free-relax") and float(cfg_scale) != 1.0
+
+
 def resolve_verifier(requested, default: str, relax: float) -> str:
     """The verifier of a call: the one asked for (checked), else the model's default, except that
     relax (exact-only block verification does not combine with it) falls back to "step"."""
@@ -339,7 +344,7 @@ class Pipeline:
         drafter = ("frozen" if sampler == "frozen" else "free") if speculative else None
         spec = RoundSpec(self.info, slots=slots, max_window=longest if speculative else 0, guided=cfg_scale != 1.0,
                          drafter=drafter, t_feat=drafter == "free" and "t_feat" in self.backend.inputs("drafter"),
-                         parent_guidance=drafter == "free" and cfg_scale != 1.0 and draft_guidance == "parent",
+                         parent_guidance=draft_guidance_applies(sampler, cfg_scale) and draft_guidance == "parent",
                          fixed_variance=self.info.fixed_variance)
         settings = RoundSettings(schedule, int(seed), cfg_scale, window if window_schedule is None else 0,
                                  window_schedule, relax, ddim=sampler == "ddim", relax_score=relax_score,
@@ -387,7 +392,7 @@ class Pipeline:
         if speculative:
             settings_out.update(window=window if window_schedule is None else "schedule", relax=relax,
                                 **({"relax_score": relax_score} if relax > 0 else {}), verifier=verifier,
-                                **({"draft_guidance": draft_guidance} if spec.drafter == "free" and spec.guided else {}),
+                                **({"draft_guidance": draft_guidance} if draft_guidance_applies(sampler, cfg_scale) else {}),
                                 micro_batches=int(micro_batches))
         calls = np.array([s["target_calls"] for s in stats])
         summary = {"images": len(labels), "seconds": seconds, "seconds_per_image": seconds / len(labels),

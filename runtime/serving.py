@@ -44,8 +44,9 @@ from starlette.exceptions import HTTPException
 from freedit.runtime.images import png_bytes
 from freedit.runtime.limits import MAX_CFG_SCALE, MAX_RELAX, MAX_WINDOW
 from freedit.runtime.outputs import json_safe
-from freedit.runtime.contract import RELAX_SCORES, VERIFIERS
-from freedit.runtime.pipeline import SAMPLERS, SPECULATIVE, resolve_verifier, speculative_summary
+from freedit.runtime.contract import DRAFT_GUIDANCE, RELAX_SCORES, VERIFIERS
+from freedit.runtime.pipeline import (SAMPLERS, SPECULATIVE, draft_guidance_applies, resolve_verifier,
+                                      speculative_summary)
 from freedit.runtime.schedule import NUM_TRAIN_TIMESTEPS, Schedule
 
 import ray
@@ -81,6 +82,9 @@ class GenerateRequest(BaseModel):
     relax_score: Optional[Literal[RELAX_SCORES]] = Field(None, description="what free-relax tempers by (DESIGN §3.4)")
     verifier: Optional[Literal[VERIFIERS]] = Field(None, description="step or block verification of FREE's window "
                                                    "(DESIGN §3.3.1)")
+    draft_guidance: Optional[Literal[DRAFT_GUIDANCE]] = Field(
+        None, description="guided FREE: parent (draft the conditional row, take the guidance gap from the last "
+        "verified state) or drafter (draft both rows); default: the model's (DESIGN §3.1)")
     format: Literal["base64", "multipart"] = Field("base64",
                                                    description="PNGs as base64 in JSON, or multipart/mixed parts")
 
@@ -206,7 +210,8 @@ class _Job:
 
     labels: list[int]
     seed: Optional[int]
-    settings: dict  # sampler, steps, cfg_scale, window, relax (+ relax_score, verifier): resolved, so equal means "same call"
+    settings: dict  # sampler, steps, cfg_scale, window, relax (+ relax_score, verifier, draft_guidance): resolved,
+    # so equal means "same call"
 
     @property
     def key(self) -> tuple:
@@ -361,6 +366,8 @@ class FreeditServer:
                 settings["verifier"] = resolve_verifier(req.verifier, d["verifier"], settings["relax"])
             except ValueError as exc:
                 raise ServeError(422, f"verifier: {exc}") from None
+        if draft_guidance_applies(sampler, cfg_scale):  # elsewhere it changes nothing: keep such calls batchable
+            settings["draft_guidance"] = req.draft_guidance or d["draft_guidance"]
         return _Job(list(req.class_labels), req.seed, settings)
 
     def _batch_size(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from freedit.benchmarks import acceptance_matrix as am
@@ -46,6 +47,9 @@ def test_entries_carry_the_issue_keys(matrix):
     assert set(report["spread"]) == {"6@1.5"}
     md = matrix.with_suffix(".md").read_text()
     assert "| 6 | 1.5 | free | 2 | new | parent |" in md and matrix.with_suffix(".png").stat().st_size > 10_000
+    tests = report["consistency"]  # free/new, free/old and the one frozen run, each against the 2 seeds
+    assert set(tests["runs"]) == {"6/1.5/free/L=2/new/seed 0", "6/1.5/free/L=2/old/seed 0", "6/1.5/frozen/L=2/seed 0"}
+    assert tests["tests"] == 6 and "Consistency with the sequential sampler, tested" in md
 
 
 def test_rerun_resumes_and_keeps_earlier_seeds(matrix, capsys):
@@ -67,6 +71,36 @@ def test_within_spread_rule():
     band = {"mean": 10.0, "std": 0.5, "min": 9.0, "max": 12.0}
     assert am.within(10.9, band) and am.within(11.9, band)  # 2 std, or the observed range
     assert not am.within(12.1, band) and not am.within(8.9, band)
+
+
+def test_biased_rules_are_recorded_apart_and_screened(matrix):
+    assert am.main(_args(matrix, "--rules", "accept-all")) == 0
+    report = json.loads(matrix.with_suffix(".json").read_text())
+    assert [(b["rule"], b["drafter"]) for b in report["biased"]] == [("accept-all", "new"), ("accept-all", "old")]
+    assert all(b["acceptance"] == 1.0 for b in report["biased"])  # the rule really ran
+    assert len(report["entries"]) == 4 and report["consistency"]["tests"] == 6  # the verdict counts lossless runs only
+    screened = report["consistency"]["biased"]
+    assert set(screened) == {"6/1.5/free/L=2/new/rule accept-all/seed 0", "6/1.5/free/L=2/old/rule accept-all/seed 0"}
+    assert all(isinstance(r["flagged"], bool) for r in screened.values())
+    assert "| 6 | 1.5 | 2 | new | accept-all |" in matrix.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="unknown --rules"):
+        am.main(_args(matrix, "--rules", "block-unclipped"))
+
+
+def test_consistency_flags_a_biased_run_and_passes_a_seed_like_one():
+    rng = np.random.default_rng(0)
+    seq = [{"steps": 50, "cfg_scale": 1.5, "n": 256, "seed": s, "class_accuracy": 1 - rng.integers(0, 5) / 256,
+            "fd_digits": rng.normal(10.7, 0.7)} for s in range(12)]
+    entry = {"steps": 50, "cfg_scale": 1.5, "sampler": "free", "window": 8, "drafter": "new", "seed": 0, "n": 256}
+    like = am.consistency([{**entry, "class_accuracy": 254 / 256, "fd_digits": 11.2}], seq)
+    assert like["consistent"] and like["tests"] == 2
+    worse = am.consistency([{**entry, "class_accuracy": 240 / 256, "fd_digits": 11.2},
+                            {**entry, "window": 4, "class_accuracy": 254 / 256, "fd_digits": 16.0}], seq)
+    runs = worse["runs"]
+    assert not worse["consistent"] and worse["below_alpha"] == 2
+    assert runs["50/1.5/free/L=8/new/seed 0"]["class_accuracy_holm_p"] < 0.01
+    assert runs["50/1.5/free/L=4/new/seed 0"]["fd_digits_holm_p"] < 0.01
+    assert runs["50/1.5/free/L=4/new/seed 0"]["class_accuracy_holm_p"] > 0.05
 
 
 def test_bad_arguments_are_refused(tmp_path):

@@ -79,6 +79,30 @@ def test_lossless_configs_reproduce_the_same_images_across_repeats(report):
         assert len({r["serial_target_calls"] for r in c["runs"]}) == 1
 
 
+def test_the_default_draft_guidance_is_the_models_and_recorded(report):
+    data, out = report
+    assert data["config"]["draft_guidance"] is None  # asked for: the model's
+    for g in data["groups"]:
+        assert g["adaptive"]["draft_guidance"] == "parent"  # the bundled model's rule, pilot included
+        for c in g["configs"]:
+            assert c.get("draft_guidance") == ("parent" if c["sampler"] in ("free", "free-relax", "adaptive") else None)
+    assert "draft guidance: parent." in (out / "bench.md").read_text()
+
+
+def test_bench_draft_guidance_reaches_the_pilot_and_the_runs(tmp_path):
+    """--draft-guidance drafter (the rule of records made before the option) on the tiniest bench."""
+    argv = ["bench", "--samplers", "free,adaptive", "--windows", "2", "--steps", "6", "--n", "2", "--batch-sizes",
+            "2", "--pilot-n", "2", "--adaptive-max-window", "2", "--threads", "1", "--no-quality", "--no-progress",
+            "--draft-guidance", "drafter", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["config"]["draft_guidance"] == "drafter"
+    assert data["groups"][0]["adaptive"]["draft_guidance"] == "drafter"
+    assert [c["draft_guidance"] for c in data["groups"][0]["configs"]] == ["drafter", "drafter"]
+    with pytest.raises(SystemExit):
+        main(["bench", "--draft-guidance", "both", "--out", str(tmp_path / "o")])
+
+
 def test_adaptive_policy_picks_long_windows_where_drafts_pass():
     acc = np.array([0.0] * 5 + [0.95] * 15)
     flat = CostCurve(batch=1, verify_seconds=[1.0] * 5, draft_seconds=0.01)
@@ -114,6 +138,7 @@ def test_window_schedule_stays_exact_and_is_validated(bundled_dir):
     (dict(samplers=["eagle"]), "unknown sampler"),
     (dict(batch_sizes=[]), "batch sizes must be integers >= 1"),
     (dict(n=0), "n must be an integer >= 1"),
+    (dict(draft_guidance="both"), "unknown draft guidance 'both'"),
 ])
 def test_bad_input_is_refused_before_any_run(kwargs, message):
     with pytest.raises(BenchError, match=message):

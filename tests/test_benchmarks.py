@@ -12,8 +12,11 @@ def test_free_digits_report_is_consistent(tmp_path, bundled_dir):
     from freedit.benchmarks.free_digits import main
 
     out = tmp_path / "free"
-    assert main(["--n", "20", "--steps", "12", "--windows", "2,4", "--relax", "0.5", "--out", str(out)]) == 0
+    assert main(["--n", "20", "--steps", "12", "--windows", "2,4", "--relax", "0.5", "--draft-guidance", "drafter",
+                 "--out", str(out)]) == 0
     report = json.loads((tmp_path / "free.json").read_text())
+    assert report["draft_guidance"] == "drafter"  # asked for; each guided FREE row records the rule it ran with:
+    assert [r.get("draft_guidance") for r in report["results"]] == [None, "drafter", None, "drafter", None, "drafter"]
     samplers = [r["sampler"] for r in report["results"]]
     assert samplers == ["sequential", "free", "frozen", "free", "frozen", "free-relax"]
     for r in report["results"]:
@@ -25,6 +28,9 @@ def test_free_digits_report_is_consistent(tmp_path, bundled_dir):
     assert report["best_lossless_window"] in (2, 4)
     assert (tmp_path / "free_acceptance.png").stat().st_size > 1000
     assert "| sequential |" in (tmp_path / "free.md").read_text()
+    assert "draft guidance: drafter" in (tmp_path / "free.md").read_text()
+    with pytest.raises(SystemExit):  # argparse refuses a rule that does not exist
+        main(["--draft-guidance", "both", "--out", str(tmp_path / "bad")])
 
 
 def test_eval_digits_report(tmp_path, bundled_dir):
@@ -33,17 +39,18 @@ def test_eval_digits_report(tmp_path, bundled_dir):
     assert main(["--n", "20", "--steps", "10", "--cfg-scales", "1,2", "--out", str(tmp_path / "q")]) == 0
     report = json.loads((tmp_path / "q.json").read_text())
     assert [r["cfg_scale"] for r in report["results"]] == [1.0, 2.0]
+    assert {r["sampler"] for r in report["results"]} == {"sequential"}  # not the model's default (FREE)
     assert report["real_floor"]["n"] == 20
 
 
 def test_block_verification_parts_merge_only_with_their_own_drafter(tmp_path):
     """Two parts of a block-verification run, on tiny settings, join with --merge; a part or a
-    resumed report made with another drafter is refused before anything is sampled."""
+    resumed report made with another drafter or draft guidance is refused before anything is sampled."""
     from freedit.benchmarks.block_verification import main
     from freedit.runtime.pipeline import default_model_dir
 
     first = default_model_dir() / "drafter_v1.onnx"
-    common = ["--n", "10", "--batch-size", "10", "--threads", "1"]
+    common = ["--n", "10", "--batch-size", "10", "--threads", "1", "--draft-guidance", "drafter"]
     assert main([*common, "--settings", "6:1.5:free:2", "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--settings", "6:1.5:free:3", "--out", str(tmp_path / "b")]) == 0
     assert main([*common, "--settings", "", "--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
@@ -52,7 +59,13 @@ def test_block_verification_parts_merge_only_with_their_own_drafter(tmp_path):
     assert sorted((e["window"], e["verifier"]) for e in merged["entries"]) == [(2, "block"), (2, "step"),
                                                                               (3, "block"), (3, "step")]
     assert set(merged["parts"]) == {"a.json", "b.json"}
-    assert "| 6 |" in (tmp_path / "ab.md").read_text()
+    assert merged["draft_guidance"] == "drafter" and {e["draft_guidance"] for e in merged["entries"]} == {"drafter"}
+    assert "| 6 |" in (tmp_path / "ab.md").read_text() and "draft guidance: drafter" in (tmp_path / "ab.md").read_text()
+    parent = common[:-1] + ["parent"]
+    with pytest.raises(SystemExit, match="made with draft guidance drafter"):
+        main([*parent, "--settings", "", "--merge", str(tmp_path / "a.json"), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="made with draft guidance drafter"):  # resuming a with the parent rule
+        main([*parent, "--settings", "6:1.5:free:2", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="made with the drafter"):
         main([*common, "--settings", "", "--drafter", str(first), "--merge", str(tmp_path / "a.json"),
               "--out", str(tmp_path / "c")])
@@ -60,6 +73,21 @@ def test_block_verification_parts_merge_only_with_their_own_drafter(tmp_path):
         main([*common, "--settings", "6:1.5:free:2", "--drafter", str(first), "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="does not exist"):
         main([*common, "--drafter", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "d")])
+
+
+def test_relax_score_records_the_draft_guidance(tmp_path):
+    from freedit.benchmarks.relax_score import main
+
+    argv = ["--steps", "8", "--n", "10", "--corr-n", "10", "--window", "2", "--gap-lambdas", "1", "--variance-lambdas",
+            "8", "--threads", "1", "--draft-guidance", "drafter", "--out", str(tmp_path / "r")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["draft_guidance"] == "drafter"
+    assert 1 <= len(report["correlation"]["bands"]) < 8  # fewer drafted steps than the 10 bands: fewer bands
+    assert [e.get("draft_guidance") for e in report["curve"]] == [None, "drafter", "drafter", "drafter"]
+    assert "draft guidance: drafter" in (tmp_path / "r.md").read_text()
+    with pytest.raises(SystemExit, match="other settings"):  # the rerun skips entries of its own rule only
+        main(argv[:-4] + ["--out", str(tmp_path / "r")])
 
 
 def test_call_cost_times_both_digits_graphs(capsys):

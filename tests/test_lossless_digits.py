@@ -10,9 +10,11 @@ the 50-step run is recorded in benchmarks/results/lossless_digits_50.json (first
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from freedit.benchmarks.lossless_digits import ALPHA, run
+from freedit.benchmarks.lossless_digits import ALPHA, main, run
 
 
 def check(report: dict) -> None:
@@ -31,3 +33,13 @@ def test_free_matches_sequential_50_steps():
 @pytest.mark.slow
 def test_free_matches_sequential_250_steps():
     check(run(steps="250", n=1000))
+
+
+def test_the_cli_records_the_draft_guidance(tmp_path):
+    """main at its tiniest with the rule of records made before --draft-guidance existed (no verdict here)."""
+    out = tmp_path / "d"
+    assert main(["--steps", "6", "--n", "10", "--permutations", "10", "--draft-guidance", "drafter",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["draft_guidance"] == "drafter"
+    assert report["free"]["draft_guidance"] == report["biased"]["draft_guidance"] == "drafter"

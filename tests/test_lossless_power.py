@@ -14,6 +14,8 @@ benchmarks/results/lossless_power_*.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -110,6 +112,17 @@ def test_recording_needs_the_numpy_maths(digits):
         pass
     with pytest.raises(ValueError, match="no complete chain"):
         standardized(None, Schedule.create("12"), chains, np.arange(3))
+
+
+def test_the_cli_passes_and_records_the_draft_guidance(tmp_path):
+    """main at its tiniest with the rule of records made before --draft-guidance existed."""
+    from freedit.benchmarks.lossless_power import main
+
+    assert main(["--steps", "6", "--n", "10", "--window", "2", "--groups", "free", "--threads", "1",
+                 "--draft-guidance", "drafter", "--out", str(tmp_path / "p")]) == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["draft_guidance"] == "drafter" and report["groups"]["free"]["draft_guidance"] == "drafter"
+    assert "draft guidance: drafter" in (tmp_path / "p.md").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -40,3 +40,19 @@ def test_micro_batches_are_validated(pipe):
         pipe.generate([0], steps=10, micro_batches=0)
     with pytest.raises(ValueError, match="does not draft"):
         pipe.generate([0], steps=10, sampler="sequential", micro_batches=2)
+
+
+def test_overlap_timeline_records_the_draft_guidance(tmp_path):
+    """The benchmark CLI at its tiniest, with the rule of records made before --draft-guidance existed."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from freedit.benchmarks.overlap_timeline import main
+
+    argv = ["--n", "4", "--steps", "6", "--window", "2", "--repeats", "1", "--draft-guidance", "drafter",
+            "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "o.json").read_text())
+    assert record["settings"]["draft_guidance"] == "drafter" and record["draft_guidance"] == "drafter"
+    assert record["identical_images"] and record["command"].endswith("--draft-guidance drafter --out " + argv[-1])
+    assert "draft guidance: drafter" in (tmp_path / "o.md").read_text()

@@ -365,6 +365,23 @@ def test_verifier_and_relax_score_reach_the_pipeline(server, reference):
     assert "verifier" in refused["error"] and "exact-only" in refused["error"]
 
 
+def test_draft_guidance_reaches_the_pipeline(server, reference):
+    """Guided FREE's draft rule is a request setting; where it changes nothing (no guidance, no drafter)
+    it is left out of the settings, so such calls still batch with the rest; an unknown rule is a 422."""
+    both = {"class_labels": [2, 7], "steps": STEPS, "seed": 5, "cfg_scale": 3.0, "draft_guidance": "drafter"}
+    default = {**both, "draft_guidance": None}
+    unguided = {**both, "cfg_scale": 1.0}
+    bad = {**both, "draft_guidance": "null-row"}
+    (s1, a, _), (s2, b, _), (s3, c, _), (s4, d, _) = asyncio.run(post_all(server, [both, default, unguided, bad]))
+    assert (s1, s2, s3, s4) == (200, 200, 200, 422), (a, b, c, d)
+    assert a["settings"]["draft_guidance"] == "drafter" and b["settings"]["draft_guidance"] == "parent"
+    assert "draft_guidance" not in c["settings"] and "draft_guidance" in d["error"]
+    for got, rule in ((a, "drafter"), (b, "parent")):
+        np.testing.assert_array_equal(decode(got["images"]), reference.generate(
+            [2, 7], steps=STEPS, seed=5, cfg_scale=3.0, draft_guidance=rule).images)
+    assert not np.array_equal(decode(a["images"]), decode(b["images"]))  # the rule really changed the call
+
+
 def test_strict_types_duplicate_keys_and_content_type(server):
     with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
         for body, field in STRICT:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from freedit.benchmarks.two_sample import classifier_test, energy_test, label_chi2_test, mmd_test
+from freedit.benchmarks.two_sample import (classifier_test, energy_test, error_count_test, holm, label_chi2_test,
+                                           mmd_test, prediction_t_test)
 
 CLASSES = 10
 
@@ -65,3 +66,27 @@ def test_bad_input_is_refused(test):
         test(a, a, ca, ca[:5])
     with pytest.raises(ValueError, match="no class"):
         test(a, a, np.zeros(40, int), np.ones(40, int))
+
+
+def test_prediction_t_test_is_calibrated_and_sees_a_shift():
+    rng = np.random.default_rng(0)
+    null = [prediction_t_test(rng.normal(), rng.normal(size=12)) for _ in range(4000)]
+    assert 0.04 < np.mean(np.array(null) < 0.05) < 0.06  # size 5%: the prediction interval, not mean +- 2 std
+    ref = rng.normal(10.0, 0.7, size=12)
+    assert prediction_t_test(ref.mean() + 6 * ref.std(ddof=1), ref) < 0.001
+    assert prediction_t_test(ref.mean(), ref) > 0.99
+    with pytest.raises(ValueError, match=">= 2 finite"):
+        prediction_t_test(1.0, [1.0])
+
+
+def test_error_count_test_sees_an_error_rate_change():
+    assert error_count_test(0, 256, 34, 3072) > 0.05  # 0 of 256 where the seeds make ~1.1% errors: chance
+    assert error_count_test(20, 256, 34, 3072) < 1e-6
+    assert error_count_test(0, 256, 0, 3072) == 1.0
+    with pytest.raises(ValueError, match="out of range"):
+        error_count_test(300, 256, 0, 3072)
+
+
+def test_holm_adjusts_step_down():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
