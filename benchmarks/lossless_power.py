@@ -135,14 +135,15 @@ def run(steps: str = "50", n: int = 512, window: int = 4, cfg_scale: float | Non
         draft_guidance: str | None = None) -> dict:
     """``drafter``: every speculative group's (the poor one is made from it); default the shipped one.
     ``draft_guidance``: guided FREE's rule for every FREE group (None = the model's).
-    The test's direction is that drafter's proposal too, where a biased rule errs."""
+    The test's direction is that drafter's proposal too (under that rule), where a biased rule errs."""
     cache = cache or Path(tempfile.gettempdir()) / "freedit_lossless_power"
     model = default_model_dir()
     drafter = Path(drafter or model / "drafter.onnx")
     pipe = digits_pipeline(drafter, threads)
     poor = digits_pipeline(poor_drafter(cache, drafter), threads) if "free-poor" in groups else None
     cfg = float(cfg_scale or pipe.defaults["cfg_scale"])
-    reference = Reference(model, drafter, pipe.info, cfg, threads=threads)
+    rule = draft_guidance or pipe.defaults["draft_guidance"]  # the direction drafts as the FREE groups do
+    reference = Reference(model, drafter, pipe.info, cfg, threads=threads, parent_guidance=rule == "parent")
     schedule = Schedule.create(steps)
     labels = np.arange(n) % 10
     classifier = DigitsClassifier.load() if final_tests else None

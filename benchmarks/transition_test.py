@@ -9,8 +9,9 @@ the mean of n projections is N(0, 1 / n) under the null.
 
 The direction is where a biased sampler errs: towards the draft. For every transition the test
 recomputes, with its own ONNX Runtime sessions, the DiT at the parent (mu_q, sigma_q) and at the
-grandparent (the features the drafter starts from; one DiT call per chain state serves both), runs
-one drafter (the run's, the same for every group) once (position 1 of a window) and takes
+grandparent (the features the drafter starts from, and with draft guidance "parent" the cond -
+null gap the guided draft holds; one DiT call per chain state serves both), runs one drafter (the
+run's, the same for every group) once (position 1 of a window) and takes
 e = (mu_p - mu_q) / |mu_p - mu_q| in sigma_q units. The direction is the same function of the past for every sampler under test, whatever
 drafter or rule that sampler used; the drafts of later window positions differ, but any past-
 measurable e keeps the null exact. A second statistic, sum |z|^2 ~ chi^2 with n E degrees of
@@ -94,7 +95,7 @@ class Reference:
     ONNX Runtime (no round code): what the test holds every committed transition against."""
 
     def __init__(self, model_dir: Path, drafter: Path, info, cfg_scale: float, threads: int | None = None,
-                 chunk: int = 256):
+                 chunk: int = 256, parent_guidance: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -104,6 +105,8 @@ class Reference:
         self.drafter = ort.InferenceSession(str(drafter), options, providers=["CPUExecutionProvider"])
         self.drafter_inputs = {i.name for i in self.drafter.get_inputs()}
         self.info, self.cfg_scale, self.chunk = info, float(cfg_scale), chunk
+        # draft_guidance "parent" (guided only): the conditional row drafted, the parent's cond - null gap
+        self.parent_guidance = bool(parent_guidance) and self.cfg_scale != 1.0
 
     def _rows(self, labels: np.ndarray) -> np.ndarray:
         guided = self.cfg_scale != 1.0
@@ -115,11 +118,12 @@ class Reference:
         return ops.cfg_combine(eps_v[:n], eps_v[n:], self.cfg_scale, self.info.in_channels, self.info.cfg_mode)
 
     def _dit(self, x, t, labels):
-        """(guided eps_v [n, ...], features [rows per state, n, tokens, hidden]) of states x."""
+        """(guided eps_v [n, ...], features [rows per state, n, tokens, hidden], raw eps_v [rows per state, n, ...])
+        of states x."""
         y, n = self._rows(labels).astype(np.int64), len(x)
         reps = len(y) // n
         eps_v, feat = self.dit.run(["eps_v", "feat"], {"x": np.tile(x, (reps, 1, 1, 1)), "t": np.tile(t, reps), "y": y})
-        return self._guided(eps_v, n), feat.reshape(reps, n, *feat.shape[1:])
+        return self._guided(eps_v, n), feat.reshape(reps, n, *feat.shape[1:]), eps_v.reshape(reps, n, *eps_v.shape[1:])
 
     def directions(self, schedule: Schedule, chains: np.ndarray, labels: np.ndarray):
         """(mu_q, log var_q, e) of transitions 1 .. T - 2 of ``chains`` [S, T + 1, ...] (``chains[:, i]``
@@ -136,16 +140,19 @@ class Reference:
             steps_all = np.tile(np.arange(1, T), b)
             t_all = schedule.timesteps[steps_all].astype(np.float32)
             y_all = np.repeat(labels[lo:lo + per_chain], T - 1)
-            eps_all, feat_all = self._dit(block.reshape(b * (T - 1), *block.shape[2:]), t_all, y_all)
+            eps_all, feat_all, raw_all = self._dit(block.reshape(b * (T - 1), *block.shape[2:]), t_all, y_all)
             sel = (np.arange(b)[:, None] * (T - 1) + inner).ravel()
             x, st, y = block.reshape(b * (T - 1), *block.shape[2:])[sel], steps_all[sel], y_all[sel]
-            rows = self._rows(y).astype(np.int64)
-            reps = len(rows) // len(x)
-            feeds = {"feat": feat_all[:, sel + 1].reshape(reps * len(x), *feat_all.shape[2:]),
+            reps = 1 if self.parent_guidance else len(self._rows(y)) // len(x)
+            rows = self._rows(y).astype(np.int64)[:reps * len(x)]
+            feeds = {"feat": feat_all[:reps, sel + 1].reshape(reps * len(x), *feat_all.shape[2:]),
                      "x": np.tile(x, (reps, 1, 1, 1)), "t": np.tile(t_all[sel], reps), "y": rows}
             if "t_feat" in self.drafter_inputs:
                 feeds["t_feat"] = np.tile(t_all[sel + 1], reps)
             (eps_p,) = self.drafter.run(["eps_v"], feeds)
+            if self.parent_guidance:  # the null row the parent's gap implies, as the round drafts it
+                gap = raw_all[0, sel + 1] - raw_all[1, sel + 1]
+                eps_p = np.concatenate([eps_p, eps_p - gap])
             mq, lvq = ops.transition(schedule, x, eps_all[sel], st, fv)
             mp, _ = ops.transition(schedule, x, self._guided(eps_p, len(x)), st, fv)
             d = ((mp - mq) * np.exp(-0.5 * lvq)).reshape(len(x), -1)

@@ -106,6 +106,43 @@ def test_chains_are_recorded_whole_and_the_reference_recovers_the_sequential_noi
     np.testing.assert_allclose(np.linalg.norm(got["e"], axis=1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("rule", ["parent", "drafter"])
+def test_the_direction_is_the_rounds_own_first_draft(digits, monkeypatch, rule):
+    """The test's direction points at the proposal FREE really drafted from each round's start state,
+    under either draft guidance rule (guided: the digits model's CFG 1.5); the other rule's direction
+    is measurably another one, so the check can tell them apart."""
+    from freedit.runtime.round_numpy import NumpyRoundMaths
+
+    labels, steps, captured = np.arange(6) % 10, "50", {}
+    original = NumpyRoundMaths.draft_step
+
+    def spy(self, ws, k, n, rows, frozen, lane):  # the position-1 proposal of every round, by (sample, step)
+        original(self, ws, k, n, rows, frozen, lane)
+        if k == 1:
+            src = ws["draft_src"][0, :n]
+            for sample, step, mp in zip(ws["sample"][ws["row_slot"][src]], ws["row_step"][src], ws["mean_p"][src + 1]):
+                captured[int(sample), int(step)] = mp.astype(np.float64)
+
+    monkeypatch.setattr(NumpyRoundMaths, "draft_step", spy)
+    chains = Chains(50)
+    with recording(chains):
+        digits.generate(labels, sampler="free", steps=steps, seed=3, window=3, maths="numpy", draft_guidance=rule)
+    a = chains.array(chains.complete())
+    cos = {}
+    for ref_rule in ("parent", "drafter"):
+        reference = Reference(default_model_dir(), default_model_dir() / "drafter.onnx", digits.info,
+                              digits.defaults["cfg_scale"], parent_guidance=ref_rule == "parent")
+        mq, lvq, e = reference.directions(Schedule.create(steps), a, labels)
+        rows = [(s, st) for s in range(len(labels)) for st in range(1, 49)]
+        hit = [i for i, key in enumerate(rows) if key in captured]
+        d = (np.stack([captured[rows[i]] for i in hit]) - mq[hit]) * np.exp(-0.5 * lvq[hit])
+        cos[ref_rule] = (d * e[hit]).sum(1) / np.linalg.norm(d, axis=1)
+    assert len(hit) > 50  # rounds started at many steps
+    other = "drafter" if rule == "parent" else "parent"
+    assert cos[rule].min() > 0.999, cos[rule].min()
+    assert np.median(cos[other]) < 0.99, np.median(cos[other])
+
+
 def test_recording_needs_the_numpy_maths(digits):
     chains = Chains(12)
     with recording(chains):
