@@ -16,3 +16,8 @@ def add_draft_guidance_argument(parser) -> None:
     parser.add_argument("--draft-guidance", choices=DRAFT_GUIDANCE, default=None,
                         help="where guided FREE drafts take their guidance from; default: the model's (parent for "
                         "the bundled digits model); \"drafter\" reproduces records made before the option existed")
+
+
+def applied_draft_guidance(result) -> dict:
+    """{"draft_guidance": rule} where a run's guided FREE applied one (its GenerationResult settings), else {}."""
+    return {"draft_guidance": result.settings["draft_guidance"]} if "draft_guidance" in result.settings else {}

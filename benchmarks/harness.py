@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from freedit.benchmarks import applied_draft_guidance
 from freedit.runtime.contract import DRAFT_GUIDANCE
 from freedit.runtime.pipeline import BACKENDS, Pipeline, default_model_dir
 
@@ -316,8 +317,7 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                            "peak_rss_mb": mem.peak / 2**20}
                     if "acceptance" in m:
                         run.update(acceptance=m["acceptance"], accepted=m["accepted"], decided=m["decided"])
-                    if "draft_guidance" in result.settings:  # the rule applied (guided FREE only)
-                        run["draft_guidance"] = result.settings["draft_guidance"]
+                    run.update(applied_draft_guidance(result))  # the rule applied (guided FREE only)
                     if rep == 0:
                         run["acceptance_by_step"] = m.get("acceptance_by_step", {})
                         if cfg.quality:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, command_line
+from freedit.benchmarks import add_draft_guidance_argument, applied_draft_guidance, command_line
 from freedit.benchmarks.biased_rules import accept_every_draft
 from freedit.benchmarks.lossless_power import FIRST_DRAFTER, digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier
@@ -38,7 +38,7 @@ def sample_features(pipe: Pipeline, sampler: str, steps: str, n: int, seed: int,
     classifier = DigitsClassifier.load()
     return {"features": classifier.features(result.samples), "predicted": classifier.predict(result.samples),
             "summary": {**result.summary,  # with the guidance rule applied, where one was
-                        **{k: result.settings[k] for k in ("draft_guidance",) if k in result.settings}},
+                        **applied_draft_guidance(result)},
             "seconds": time.perf_counter() - t0}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, command_line
+from freedit.benchmarks import add_draft_guidance_argument, applied_draft_guidance, command_line
 from freedit.benchmarks.lossless_power import digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.contract import RELAX_SCORES
@@ -90,7 +90,7 @@ def curve_entry(pipe, classifier, labels, steps: str, window: int, seed: int, sa
     return {"sampler": sampler, "score": score, "lambda": relax, "acceptance": s.get("acceptance"),
             "nfe_speedup": s["nfe_speedup"], "fd_digits": m["fd_digits"], "class_accuracy": m["class_accuracy"],
             "cpu_seconds": round(time.perf_counter() - t0, 1),
-            **{k: result.settings[k] for k in ("draft_guidance",) if k in result.settings}}
+            **applied_draft_guidance(result)}
 
 
 def markdown(report: dict) -> str:
