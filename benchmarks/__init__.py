@@ -18,6 +18,17 @@ def add_draft_guidance_argument(parser) -> None:
                         "the bundled digits model); \"drafter\" reproduces records made before the option existed")
 
 
-def applied_draft_guidance(result) -> dict:
-    """{"draft_guidance": rule} where a run's guided FREE applied one (its GenerationResult settings), else {}."""
-    return {"draft_guidance": result.settings["draft_guidance"]} if "draft_guidance" in result.settings else {}
+def add_verifier_argument(parser) -> None:
+    """``--verifier`` of the CLIs whose lossless FREE / frozen runs take the model's verifier (relax runs verify
+    per step whatever it says), so that figures recorded before block became the digits default rerun."""
+    from freedit.runtime.contract import VERIFIERS
+
+    parser.add_argument("--verifier", choices=VERIFIERS, default=None,
+                        help="how lossless FREE and frozen verify a window; default: the model's (block for the "
+                        "bundled digits model); \"step\" reproduces records made before block became its default")
+
+
+def applied_rules(result) -> dict:
+    """The rules a run applied (its GenerationResult settings): {"verifier": ...} for speculative samplers and
+    {"draft_guidance": ...} where guided FREE applied one; {} for the others."""
+    return {k: result.settings[k] for k in ("verifier", "draft_guidance") if k in result.settings}

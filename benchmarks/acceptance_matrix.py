@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, applied_draft_guidance, command_line
+from freedit.benchmarks import add_draft_guidance_argument, applied_rules, command_line
 from freedit.benchmarks.biased_rules import RULES
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.benchmarks.two_sample import error_count_test, holm, prediction_t_test
@@ -188,16 +188,18 @@ def consistency(entries: list[dict], sequential: list[dict], biased: list[dict] 
             "consistent": all(q >= ALPHA for q in holm_p), "runs": runs, "biased": screened}
 
 
-def run_entry(pipe: Pipeline, classifier, labels, **kwargs) -> dict:
+def run_entry(pipe: Pipeline, classifier, labels, verifier: str = "step", **kwargs) -> dict:
+    """One run and its figures; ``verifier``: the matrix is per-step verification's, whatever the model's
+    default (block_verification.py passes both)."""
     t0 = time.perf_counter()
-    result = pipe.generate(labels, progress=True, **kwargs)
+    result = pipe.generate(labels, progress=True, verifier=verifier, **kwargs)
     metrics = evaluate(result.samples, labels, classifier=classifier)
     s = result.summary
     entry = {"steps": kwargs["steps"], "cfg_scale": float(kwargs["cfg_scale"]), "sampler": kwargs["sampler"],
              "n": len(labels), "acceptance": s.get("acceptance"), "nfe_speedup": s["nfe_speedup"],
              "mean_target_calls": s["mean_target_calls"], "fd_digits": metrics["fd_digits"],
              "class_accuracy": metrics["class_accuracy"], "cpu_seconds": time.perf_counter() - t0,
-             **applied_draft_guidance(result)}
+             **applied_rules(result)}
     if "acceptance_by_step" in s:
         timesteps = Schedule.create(str(kwargs["steps"])).timesteps
         entry["acceptance_by_step"] = {str(k): v for k, v in s["acceptance_by_step"].items()}

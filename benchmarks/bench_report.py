@@ -8,6 +8,12 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _applied(report: dict, key: str, skip: tuple = ()) -> str:
+    """The rules ``key`` the configurations applied (those of samplers ``skip`` left out), or n/a."""
+    return ", ".join(sorted({r[key] for g in report["groups"] for r in g["configs"]
+                             if key in r and r["sampler"] not in skip})) or "n/a"
+
+
 def markdown(report: dict, stem: str) -> str:
     cfg = report["config"]
     dev = report["device"]
@@ -19,8 +25,8 @@ def markdown(report: dict, stem: str) -> str:
              f"{cfg['n']} images per configuration, {cfg['repeats']} repeat(s), interleaved; seed {cfg['seed']}. "
              "Wall-clock speed-up = sequential's median seconds per image / this configuration's, same run. "
              "NFE speed-up = steps / serial target calls per image. Guided FREE's draft guidance: "
-             + (", ".join(sorted({r["draft_guidance"] for g in report["groups"] for r in g["configs"]
-                                  if "draft_guidance" in r})) or "n/a") + ".", ""]
+             + _applied(report, "draft_guidance") + "; verifier (free-relax: step): " + _applied(report, "verifier", ("free-relax",))
+             + ".", ""]
     for g in report["groups"]:
         lines += [f"## {g['model']} · {g['backend']} · batch {g['batch_size']} · {g['steps']} steps · CFG {g['cfg_scale']:g}", "",
                   "| sampler | s / image (median) | p90 | wall-clock speed-up | serial target calls | NFE speed-up | "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, command_line
+from freedit.benchmarks import add_draft_guidance_argument, add_verifier_argument, command_line
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.pipeline import Pipeline
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", default="benchmarks/results/free_digits")
     add_draft_guidance_argument(parser)
+    add_verifier_argument(parser)
     args = parser.parse_args(argv)
     pipe = Pipeline.from_directory(args.model) if args.model else Pipeline.default()
     classifier = DigitsClassifier.load()
@@ -86,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     windows = [int(w) for w in args.windows.split(",")]
     for window in windows:
         for sampler in ("free", "frozen"):
-            rows.append(run_one(pipe, labels, classifier, sampler=sampler, window=window, **common))
+            rows.append(run_one(pipe, labels, classifier, sampler=sampler, window=window, verifier=args.verifier,
+                                **common))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "acceptance_by_step"}), flush=True)
     lossless = [r for r in rows if r["sampler"] == "free"]
     best = max(lossless, key=lambda r: r["nfe_speedup"])
-    for lam in [float(v) for v in args.relax.split(",") if v.strip()]:
+    for lam in [float(v) for v in args.relax.split(",") if v.strip()]:  # relax verifies per step
         rows.append(run_one(pipe, labels, classifier, sampler="free-relax", window=best["window"], relax=lam, **common))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "acceptance_by_step"}), flush=True)
     import onnxruntime
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command_line("freedit.benchmarks.free_digits", argv),
               "model": pipe.source, "n": args.n, "steps": args.steps, "cfg_scale": seq["cfg_scale"],
               "best_lossless_window": best["window"], "draft_guidance": args.draft_guidance,
+              "verifier": args.verifier,
               "machine": {"python": platform.python_version(), "platform": platform.platform(),
                           "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
               "results": rows}
@@ -109,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
              f"CFG {report['cfg_scale']:g}, seed {args.seed}", "", f"Command: `{report['command']}`  ",
              "Guided FREE's draft guidance: " + next((r["draft_guidance"] for r in rows if "draft_guidance" in r), "n/a"),
              "",
-             "| sampler | L | λ | serial target calls / image | NFE speed-up | acceptance | class accuracy | FD-digits | "
-             "CPU s / image |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| sampler | L | λ | verifier | serial target calls / image | NFE speed-up | acceptance | class accuracy | "
+             "FD-digits | CPU s / image |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r.get('window', '')} | {r.get('relax', '') if r['sampler'] == 'free-relax' else ''} | "
-                     f"{r['mean_target_calls']:.1f} | {r['nfe_speedup']:.2f}x | "
+                     f"{r.get('verifier', '')} | {r['mean_target_calls']:.1f} | {r['nfe_speedup']:.2f}x | "
                      f"{r.get('acceptance', float('nan')):.3f} | {r['class_accuracy']:.3f} | {r['fd_digits']:.2f} | "
                      f"{r['seconds_per_image']:.2f} |")
     lines += ["", f"FD-digits of sequential: {seq['fd_digits']:.2f}; the relaxed settings' FD relative to it: " +

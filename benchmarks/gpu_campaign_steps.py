@@ -29,8 +29,8 @@ LABELS = tuple(range(8))
 SEED = 0
 CONFIGS = (
     ("sequential", {"sampler": "sequential"}),
-    ("free L=4", {"sampler": "free", "window": 4}),
-    ("free L=8", {"sampler": "free", "window": 8}),
+    ("free L=4 step", {"sampler": "free", "window": 4, "verifier": "step"}),  # both verifiers, whatever the default
+    ("free L=8 block", {"sampler": "free", "window": 8, "verifier": "block"}),
     ("free-relax L=8 λ=8", {"sampler": "free-relax", "window": 8, "relax": 8.0}),
 )
 #: Images per configuration and repeat at each batch size (the same seed gives the same sample i
@@ -335,7 +335,7 @@ def sanitizer(ctx: Context, tool: str, target: str) -> dict:
 
 # ---- 3. the digits model on the GPU backends ------------------------------------------------------
 def _generate_kwargs(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k in ("sampler", "window", "relax")}
+    return {k: v for k, v in config.items() if k in ("sampler", "window", "relax", "verifier")}
 
 
 def digits_cpu_reference(ctx: Context) -> dict:

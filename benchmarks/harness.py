@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import applied_draft_guidance
-from freedit.runtime.contract import DRAFT_GUIDANCE
+from freedit.benchmarks import applied_rules
+from freedit.runtime.contract import DRAFT_GUIDANCE, VERIFIERS
 from freedit.runtime.pipeline import BACKENDS, Pipeline, default_model_dir
 
 SAMPLERS = ("sequential", "frozen", "free", "free-relax", "adaptive")
@@ -53,6 +53,7 @@ class BenchConfig:
     pilot_n: int = 32  # images of the pilot FREE run that gives the adaptive policy its acceptance profile
     cost_repeats: int = 5
     draft_guidance: str | None = None  # guided FREE's (pilot included): "parent" or "drafter"; None: the model's
+    verifier: str | None = None  # lossless FREE's and frozen's (pilot included); None: the model's (relax: step)
 
     def validate(self) -> None:
         if not self.models:
@@ -89,6 +90,8 @@ class BenchConfig:
                 raise BenchError(f"{name.replace('_', ' ')} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.draft_guidance is not None and self.draft_guidance not in DRAFT_GUIDANCE:
             raise BenchError(f"unknown draft guidance {self.draft_guidance!r}; choose from {', '.join(DRAFT_GUIDANCE)}")
+        if self.verifier is not None and self.verifier not in VERIFIERS:
+            raise BenchError(f"unknown verifier {self.verifier!r}; choose from {', '.join(VERIFIERS)}")
         if self.reference is not None:
             load_reference(self.reference)  # shape and type checked now, not after an hour of sampling
 
@@ -282,7 +285,7 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
             if any(v["sampler"] == "adaptive" for v in variants):
                 log(f"[{model} {backend} B={batch}] adaptive: pilot FREE run and cost curve ...")
                 pilot = pipe.generate(labels_all[:cfg.pilot_n], sampler="free", window=cfg.adaptive_max_window,
-                                      seed=cfg.seed + 10_000, **common)  # other seeds than the measured runs
+                                      seed=cfg.seed + 10_000, verifier=cfg.verifier, **common)  # other seeds than the measured runs
                 acc = acceptance_profile(pilot.summary["acceptance_by_step"], Schedule.create(str(steps)).num_steps)
                 cost = measure_cost_curve(pipe.backend, pipe.info, batch, cfg.adaptive_max_window + 1, cfg_scale != 1.0,
                                           repeats=cfg.cost_repeats,  # guided drafts of the conditional row only: 1 drafter row
@@ -308,6 +311,8 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                         kw.update(sampler="free", window_schedule=schedule)
                     else:
                         kw.update({k: v[k] for k in ("window", "relax") if k in v})
+                    if v["sampler"] != "free-relax":  # relax verifies per step (block is exact-only)
+                        kw["verifier"] = cfg.verifier
                     with PeakRSS() as mem:
                         result = pipe.generate(labels_all, **kw)
                     m = result.summary
@@ -317,7 +322,7 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
                            "peak_rss_mb": mem.peak / 2**20}
                     if "acceptance" in m:
                         run.update(acceptance=m["acceptance"], accepted=m["accepted"], decided=m["decided"])
-                    run.update(applied_draft_guidance(result))  # the rule applied (guided FREE only)
+                    run.update(applied_rules(result))  # the rules applied (speculative samplers)
                     if rep == 0:
                         run["acceptance_by_step"] = m.get("acceptance_by_step", {})
                         if cfg.quality:
@@ -351,8 +356,8 @@ def _aggregate(variants: list[dict], runs: dict[str, list[dict]]) -> list[dict]:
                "target_seconds_median": float(np.median([r["target_seconds"] for r in rs])),
                "drafter_seconds_median": float(np.median([r["drafter_seconds"] for r in rs])),
                "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)), "runs": rs}
-        for key in ("acceptance", "accepted", "decided", "draft_guidance", "class_accuracy", "fd_digits", "fid",
-                    "inception_score"):
+        for key in ("acceptance", "accepted", "decided", "draft_guidance", "verifier", "class_accuracy", "fd_digits",
+                    "fid", "inception_score"):
             if key in first:
                 row[key] = first[key]
         row["acceptance_by_step"] = first.get("acceptance_by_step", {})

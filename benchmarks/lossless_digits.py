@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, applied_draft_guidance, command_line
+from freedit.benchmarks import add_draft_guidance_argument, add_verifier_argument, applied_rules, command_line
 from freedit.benchmarks.biased_rules import accept_every_draft
 from freedit.benchmarks.lossless_power import FIRST_DRAFTER, digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier
@@ -38,7 +38,7 @@ def sample_features(pipe: Pipeline, sampler: str, steps: str, n: int, seed: int,
     classifier = DigitsClassifier.load()
     return {"features": classifier.features(result.samples), "predicted": classifier.predict(result.samples),
             "summary": {**result.summary,  # with the guidance rule applied, where one was
-                        **applied_draft_guidance(result)},
+                        **applied_rules(result)},
             "seconds": time.perf_counter() - t0}
 
 
@@ -48,21 +48,25 @@ def compare(a: dict, b: dict, permutations: int) -> dict:
 
 
 def run(steps: str = "50", n: int = 1000, permutations: int = 300, window: int | None = None,
-        biased_drafter: Path = FIRST_DRAFTER, draft_guidance: str | None = None) -> dict:
+        biased_drafter: Path = FIRST_DRAFTER, draft_guidance: str | None = None, verifier: str | None = None) -> dict:
     """FREE with the shipped drafter against sequential; the biased control accepts every draft of
-    ``biased_drafter``; both FREE runs draft with ``draft_guidance`` (None: the model's). The shipped
+    ``biased_drafter``; both FREE runs draft with ``draft_guidance`` (None: the model's); the shipped
+    drafter's run verifies with ``verifier`` (None: the model's), the control per step (its override
+    is of the per-step accept test). The shipped
     drafter's own chain is too close to the DiT's for this weak test to reject at n = 1000 (the CI run
     of 0523fa0 failed on it), so the control uses the first drafter."""
     pipe = Pipeline.default()
     seq = sample_features(pipe, "sequential", steps, n, seed=11)
-    free = sample_features(pipe, "free", steps, n, seed=22, window=window, draft_guidance=draft_guidance)
+    free = sample_features(pipe, "free", steps, n, seed=22, window=window, draft_guidance=draft_guidance,
+                           verifier=verifier)
     with accept_every_draft():
         biased = sample_features(digits_pipeline(biased_drafter, None), "free", steps, n, seed=33, window=window,
-                                 draft_guidance=draft_guidance)
-    keep = ("acceptance", "nfe_speedup", "residual_proposals", "residual_cap_hits", "decided", "draft_guidance")
+                                 draft_guidance=draft_guidance, verifier="step")
+    keep = ("acceptance", "nfe_speedup", "residual_proposals", "residual_cap_hits", "decided", "draft_guidance",
+            "verifier")
     return {"steps": steps, "n": n, "alpha": ALPHA, "window": window or pipe.defaults["window"],
             "drafter": "drafter.onnx", "biased_drafter": Path(biased_drafter).name,
-            "cfg_scale": pipe.defaults["cfg_scale"], "draft_guidance": draft_guidance,
+            "cfg_scale": pipe.defaults["cfg_scale"], "draft_guidance": draft_guidance, "verifier": verifier,
             "free": {k: free["summary"][k] for k in keep if k in free["summary"]},  # the applied rule with them
             "biased": {k: biased["summary"][k] for k in keep if k in biased["summary"]},
             "free_vs_sequential": compare(seq, free, permutations),
@@ -77,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--permutations", type=int, default=300)
     parser.add_argument("--out", default="benchmarks/results/lossless_digits_250")
     add_draft_guidance_argument(parser)
+    add_verifier_argument(parser)
     args = parser.parse_args(argv)
-    report = run(args.steps, args.n, args.permutations, draft_guidance=args.draft_guidance)
+    report = run(args.steps, args.n, args.permutations, draft_guidance=args.draft_guidance, verifier=args.verifier)
     report["command"] = command_line("freedit.benchmarks.lossless_digits", argv)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, applied_draft_guidance, command_line
+from freedit.benchmarks import add_draft_guidance_argument, applied_rules, command_line
 from freedit.benchmarks.biased_rules import RULES
 from freedit.benchmarks.quality import DigitsClassifier
 from freedit.benchmarks.transition_test import Chains, Reference, recording, test_chains
@@ -113,7 +113,7 @@ def sample(pipe: Pipeline, group: str, labels: np.ndarray, steps: str, window: i
     keep = ("acceptance", "nfe_speedup", "residual_proposals", "residual_cap_hits", "decided")
     return {"chains": chains, "samples": result.samples, "seconds": time.perf_counter() - t0,
             "summary": {**{k: result.summary[k] for k in keep if k in result.summary},
-                        **applied_draft_guidance(result)}}
+                        **applied_rules(result)}}
 
 
 def combined_p(test: dict) -> float:

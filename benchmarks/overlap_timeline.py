@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, command_line
+from freedit.benchmarks import add_draft_guidance_argument, add_verifier_argument, command_line
 from freedit.runtime.pipeline import Pipeline
 
 
@@ -59,12 +59,14 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--out", default="benchmarks/results/overlap_digits_cpu")
     add_draft_guidance_argument(ap)
+    add_verifier_argument(ap)
     args = ap.parse_args(argv)
     pipe = Pipeline.from_directory(Pipeline.default().source, backend=args.backend, threads=args.threads)
     labels = [i % 10 for i in range(args.n)]
     configs = {"one batch of B": dict(batch_size=args.n, micro_batches=1),
                "two micro-batches of B/2": dict(batch_size=(args.n + 1) // 2, micro_batches=2)}
-    kw = dict(sampler="free", steps=args.steps, seed=0, window=args.window, draft_guidance=args.draft_guidance)
+    kw = dict(sampler="free", steps=args.steps, seed=0, window=args.window, draft_guidance=args.draft_guidance,
+              verifier=args.verifier)
     pipe.generate(labels[:4], **{**kw, "steps": 10})  # warm-up, not recorded
     runs = {name: [] for name in configs}
     samples, timeline = {}, None
@@ -87,8 +89,9 @@ def main(argv=None) -> int:
     record = {
         "command": command_line("freedit.benchmarks.overlap_timeline", argv),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "gpu": "none"},
-        # settings: the rule asked for (null: the model's); draft_guidance: the one applied (guided runs)
+        # settings: the rules asked for (null: the model's); draft_guidance, verifier: those applied
         "settings": {**vars(args), **kw}, "draft_guidance": result.settings.get("draft_guidance"),
+        "verifier": result.settings["verifier"],
         "runs": runs, "identical_images": identical,
         "speedup_per_repeat": ratios, "median_speedup": float(np.median(ratios)), "timeline": timeline,
     }
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     med = {n: float(np.median([r["wall_s"] for r in runs[n]])) for n in names}
     two = runs[names[1]]
     md = [f"# Overlapped micro-batches: FREE on the digits DiT ({args.backend}, CPU)", "",
-          f"Guided FREE's draft guidance: {record['draft_guidance'] or 'n/a'}.", "",
+          f"Guided FREE's draft guidance: {record['draft_guidance'] or 'n/a'}; verifier: {record['verifier']}.", "",
           f"Command: `{record['command']}`. Raw log: `{out.name}_raw.log`. Timeline: `{out.name}_timeline.png`.", "",
           "| configuration | median wall s | draft busy s | verify busy s | draft/verify overlap s |",
           "|---|---:|---:|---:|---:|"]

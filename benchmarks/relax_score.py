@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import add_draft_guidance_argument, applied_draft_guidance, command_line
+from freedit.benchmarks import add_draft_guidance_argument, applied_rules, command_line
 from freedit.benchmarks.lossless_power import digits_pipeline
 from freedit.benchmarks.quality import DigitsClassifier, evaluate
 from freedit.runtime.contract import RELAX_SCORES
@@ -60,7 +60,7 @@ def correlations(pipe, n: int, steps: str, window: int, seed: int, draft_guidanc
     rows: list = []
     with recording_decisions(rows):
         pipe.generate(np.arange(n) % 10, sampler="free", steps=steps, seed=seed, window=window, maths="numpy",
-                      progress=True, draft_guidance=draft_guidance)
+                      progress=True, draft_guidance=draft_guidance, verifier="step")  # relax's per-step test
     a = np.concatenate(rows)
     st, scores = a[:, 0].astype(int), {"gap": a[:, 1], "variance": a[:, 2]}
     reject = 1.0 - np.exp(np.minimum(0.0, a[:, 3]))
@@ -82,7 +82,8 @@ def correlations(pipe, n: int, steps: str, window: int, seed: int, draft_guidanc
 def curve_entry(pipe, classifier, labels, steps: str, window: int, seed: int, sampler: str, relax: float = 0.0,
                 score: str | None = None, draft_guidance: str | None = None) -> dict:
     t0 = time.perf_counter()
-    kw = (dict(window=window, relax=relax, relax_score=score, draft_guidance=draft_guidance)
+    # Relax verifies per step, so its lambda = 0 anchor does too, whatever the model's default verifier.
+    kw = (dict(window=window, relax=relax, relax_score=score, draft_guidance=draft_guidance, verifier="step")
           if sampler != "sequential" else {})
     result = pipe.generate(labels, sampler=sampler, steps=steps, seed=seed, progress=True, **kw)
     m = evaluate(result.samples, labels, classifier=classifier)
@@ -90,7 +91,7 @@ def curve_entry(pipe, classifier, labels, steps: str, window: int, seed: int, sa
     return {"sampler": sampler, "score": score, "lambda": relax, "acceptance": s.get("acceptance"),
             "nfe_speedup": s["nfe_speedup"], "fd_digits": m["fd_digits"], "class_accuracy": m["class_accuracy"],
             "cpu_seconds": round(time.perf_counter() - t0, 1),
-            **applied_draft_guidance(result)}
+            **applied_rules(result)}
 
 
 def markdown(report: dict) -> str:

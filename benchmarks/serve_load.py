@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"steps": args.steps, "labels": args.labels, "requests": args.requests, "replicas": args.replicas,
                      "threads": args.threads, "ray_cpus": args.ray_cpus, "max_batch_size": args.max_batch_size,
                      "batch_wait_ms": args.batch_wait_ms, "seed": args.seed},
-        "sampler": f"{health['defaults']['sampler']} (model default), cfg {health['defaults']['cfg_scale']}",
+        "sampler": f"{health['defaults']['sampler']} (model default), cfg {health['defaults']['cfg_scale']}, "
+                   f"verifier {health['defaults'].get('verifier', 'step')}",
         "machine": {"cpus": os.cpu_count(), "niceness": os.nice(0), "platform": platform.platform(),
                     "loadavg_before": load_before,
                     "loadavg_after": [round(v, 2) for v in os.getloadavg()]},

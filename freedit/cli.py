@@ -148,6 +148,7 @@ def summary_line(out, classes: str, result) -> str:
     sampler = s["sampler"]
     if "window" in s:
         sampler += f" L={s['window']}" + (f" lambda={s['relax']:g}" if s["sampler"] == "free-relax" else "")
+        sampler += f" ({s['verifier']} verification)"
     line = (f"wrote {out}: {m['images']} images of classes {classes}, {sampler}, {s['steps']} steps, "
             f"cfg {s['cfg_scale']:g}, seed {s['seed']}: {m['mean_target_calls']:.1f} serial target calls/image "
             f"(NFE speed-up {m['nfe_speedup']:.2f}x)")
@@ -411,7 +412,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.cfg_scales else [None],
         n=args.n, repeats=args.repeats, seed=args.seed, threads=args.threads, quality=not args.no_quality,
         reference=args.reference, adaptive_max_window=args.adaptive_max_window, pilot_n=args.pilot_n,
-        draft_guidance=args.draft_guidance)
+        draft_guidance=args.draft_guidance, verifier=args.verifier)
     cfg.validate()  # every input checked before the first run
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -541,7 +542,7 @@ def _read_token(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from freedit.benchmarks import add_draft_guidance_argument
+    from freedit.benchmarks import add_draft_guidance_argument, add_verifier_argument
     from freedit.runtime import limits as lim
     from freedit.runtime.contract import DRAFT_GUIDANCE, RELAX_SCORES, VERIFIERS
 
@@ -703,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--adaptive-max-window", type=ascii_int, default=8, help="largest L the adaptive window may choose")
     k.add_argument("--pilot-n", type=ascii_int, default=32, help="images of the adaptive policy's pilot run (other seeds)")
     add_draft_guidance_argument(k)  # the benchmark CLIs' option, for the pilot and every FREE run
+    add_verifier_argument(k)  # likewise, for the pilot and every lossless speculative run
     k.add_argument("--out", default="bench_results", help="output folder")
     k.add_argument("--name", default="bench", help="file stem of the outputs")
     k.add_argument("--host-overhead", action="store_true",

@@ -41,6 +41,7 @@ def test_entries_carry_the_issue_keys(matrix):
         assert e["mean_target_calls"] == pytest.approx(6 / e["nfe_speedup"])
         assert set(e["acceptance_by_step"]) <= {str(k) for k in range(1, 6)}
     assert {e.get("draft_guidance") for e in entries} == {"parent", None}  # free: the model's rule; frozen: none
+    assert {e["verifier"] for e in entries} == {"step"}  # the matrix is per-step's, whatever the model's default
     frozen = [e for e in entries if e["sampler"] == "frozen"]
     assert frozen[0]["fd_digits"] == frozen[1]["fd_digits"]  # one run, listed under each drafter
     assert [r["seed"] for r in report["sequential"]] == [0, 1]

@@ -86,21 +86,25 @@ def test_the_default_draft_guidance_is_the_models_and_recorded(report):
         assert g["adaptive"]["draft_guidance"] == "parent"  # the bundled model's rule, pilot included
         for c in g["configs"]:
             assert c.get("draft_guidance") == ("parent" if c["sampler"] in ("free", "free-relax", "adaptive") else None)
-    assert "draft guidance: parent." in (out / "bench.md").read_text()
+            # the bundled model's verifier for lossless speculative runs; relax verifies per step
+            assert c.get("verifier") == {"sequential": None, "free-relax": "step"}.get(c["sampler"], "block")
+    assert "draft guidance: parent; verifier (free-relax: step): block." in (out / "bench.md").read_text()
 
 
 def test_bench_draft_guidance_reaches_the_pilot_and_the_runs(tmp_path):
     """--draft-guidance drafter (the rule of records made before the option) on the tiniest bench."""
     argv = ["bench", "--samplers", "free,adaptive", "--windows", "2", "--steps", "6", "--n", "2", "--batch-sizes",
             "2", "--pilot-n", "2", "--adaptive-max-window", "2", "--threads", "1", "--no-quality", "--no-progress",
-            "--draft-guidance", "drafter", "--out", str(tmp_path)]
+            "--draft-guidance", "drafter", "--verifier", "step", "--out", str(tmp_path)]
     assert main(argv) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert data["config"]["draft_guidance"] == "drafter"
+    assert data["config"]["draft_guidance"] == "drafter" and data["config"]["verifier"] == "step"
     assert data["groups"][0]["adaptive"]["draft_guidance"] == "drafter"
     assert [c["draft_guidance"] for c in data["groups"][0]["configs"]] == ["drafter", "drafter"]
-    with pytest.raises(SystemExit):
-        main(["bench", "--draft-guidance", "both", "--out", str(tmp_path / "o")])
+    assert [c["verifier"] for c in data["groups"][0]["configs"]] == ["step", "step"]  # the adaptive runs too
+    for bad in (["--draft-guidance", "both"], ["--verifier", "tree"]):
+        with pytest.raises(SystemExit):
+            main(["bench", *bad, "--out", str(tmp_path / "o")])
 
 
 def test_adaptive_policy_picks_long_windows_where_drafts_pass():

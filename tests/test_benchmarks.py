@@ -13,10 +13,11 @@ def test_free_digits_report_is_consistent(tmp_path, bundled_dir):
 
     out = tmp_path / "free"
     assert main(["--n", "20", "--steps", "12", "--windows", "2,4", "--relax", "0.5", "--draft-guidance", "drafter",
-                 "--out", str(out)]) == 0
+                 "--verifier", "step", "--out", str(out)]) == 0  # the rules of records made before either option
     report = json.loads((tmp_path / "free.json").read_text())
     assert report["draft_guidance"] == "drafter"  # asked for; each guided FREE row records the rule it ran with:
     assert [r.get("draft_guidance") for r in report["results"]] == [None, "drafter", None, "drafter", None, "drafter"]
+    assert report["verifier"] == "step" and [r.get("verifier") for r in report["results"]] == [None] + ["step"] * 5
     samplers = [r["sampler"] for r in report["results"]]
     assert samplers == ["sequential", "free", "frozen", "free", "frozen", "free-relax"]
     for r in report["results"]:
@@ -29,8 +30,11 @@ def test_free_digits_report_is_consistent(tmp_path, bundled_dir):
     assert (tmp_path / "free_acceptance.png").stat().st_size > 1000
     assert "| sequential |" in (tmp_path / "free.md").read_text()
     assert "draft guidance: drafter" in (tmp_path / "free.md").read_text()
+    assert "| free | 2 |  | step |" in (tmp_path / "free.md").read_text()
     with pytest.raises(SystemExit):  # argparse refuses a rule that does not exist
         main(["--draft-guidance", "both", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit):
+        main(["--verifier", "tree", "--out", str(tmp_path / "bad")])
 
 
 def test_eval_digits_report(tmp_path, bundled_dir):
@@ -85,6 +89,8 @@ def test_relax_score_records_the_draft_guidance(tmp_path):
     assert report["draft_guidance"] == "drafter"
     assert 1 <= len(report["correlation"]["bands"]) < 8  # fewer drafted steps than the 10 bands: fewer bands
     assert [e.get("draft_guidance") for e in report["curve"]] == [None, "drafter", "drafter", "drafter"]
+    # relax verifies per step, so its lambda = 0 anchor does too, though the bundled model's default is block
+    assert [e.get("verifier") for e in report["curve"]] == [None, "step", "step", "step"]
     assert "draft guidance: drafter" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):  # the rerun skips entries of its own rule only
         main(argv[:-4] + ["--out", str(tmp_path / "r")])

@@ -82,7 +82,7 @@ def test_dry_run_rehearses_the_gpu_steps_code(dry_run, emulation):
     probe = by_name["sanitizer_memcheck_round"]["rehearsal"]
     assert probe["step_status"] == "ok" and "all equal" in probe["reason"], probe
     raw = (out / "raw.log").read_text()
-    assert "[digits_cpu_reference] free L=8:" in raw and "-- rehearsing xl_cost_curves" in raw
+    assert "[digits_cpu_reference] free L=8 block:" in raw and "-- rehearsing xl_cost_curves" in raw
     md = (out / "campaign.md").read_text()
     assert all(f"| {name} |" in md for name in gc.STEP_NAMES) and "**dry run**" in md
 

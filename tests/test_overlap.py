@@ -50,9 +50,10 @@ def test_overlap_timeline_records_the_draft_guidance(tmp_path):
     from freedit.benchmarks.overlap_timeline import main
 
     argv = ["--n", "4", "--steps", "6", "--window", "2", "--repeats", "1", "--draft-guidance", "drafter",
-            "--out", str(tmp_path / "o")]
+            "--verifier", "step", "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     record = json.loads((tmp_path / "o.json").read_text())
     assert record["settings"]["draft_guidance"] == "drafter" and record["draft_guidance"] == "drafter"
-    assert record["identical_images"] and record["command"].endswith("--draft-guidance drafter --out " + argv[-1])
-    assert "draft guidance: drafter" in (tmp_path / "o.md").read_text()
+    assert record["settings"]["verifier"] == "step" and record["verifier"] == "step"
+    assert record["identical_images"] and record["command"].endswith("--verifier step --out " + argv[-1])
+    assert "draft guidance: drafter; verifier: step" in (tmp_path / "o.md").read_text()
