@@ -25,8 +25,8 @@ def markdown(report: dict, stem: str) -> str:
              f"{cfg['n']} images per configuration, {cfg['repeats']} repeat(s), interleaved; seed {cfg['seed']}. "
              "Wall-clock speed-up = sequential's median seconds per image / this configuration's, same run. "
              "NFE speed-up = steps / serial target calls per image. Guided FREE's draft guidance: "
-             + _applied(report, "draft_guidance") + "; verifier (free-relax: step): " + _applied(report, "verifier", ("free-relax",))
-             + ".", ""]
+             + _applied(report, "draft_guidance") + "; verifier (free-relax: step): "
+             + _applied(report, "verifier", ("free-relax",)) + ".", ""]
     for g in report["groups"]:
         lines += [f"## {g['model']} · {g['backend']} · batch {g['batch_size']} · {g['steps']} steps · CFG {g['cfg_scale']:g}", "",
                   "| sampler | s / image (median) | p90 | wall-clock speed-up | serial target calls | NFE speed-up | "

@@ -285,7 +285,8 @@ def run_bench(cfg: BenchConfig, command: str = "", cache: Path | None = None, pr
             if any(v["sampler"] == "adaptive" for v in variants):
                 log(f"[{model} {backend} B={batch}] adaptive: pilot FREE run and cost curve ...")
                 pilot = pipe.generate(labels_all[:cfg.pilot_n], sampler="free", window=cfg.adaptive_max_window,
-                                      seed=cfg.seed + 10_000, verifier=cfg.verifier, **common)  # other seeds than the measured runs
+                                      seed=cfg.seed + 10_000,  # other seeds than the measured runs
+                                      verifier=cfg.verifier, **common)
                 acc = acceptance_profile(pilot.summary["acceptance_by_step"], Schedule.create(str(steps)).num_steps)
                 cost = measure_cost_curve(pipe.backend, pipe.info, batch, cfg.adaptive_max_window + 1, cfg_scale != 1.0,
                                           repeats=cfg.cost_repeats,  # guided drafts of the conditional row only: 1 drafter row

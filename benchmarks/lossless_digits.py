@@ -50,11 +50,11 @@ def compare(a: dict, b: dict, permutations: int) -> dict:
 def run(steps: str = "50", n: int = 1000, permutations: int = 300, window: int | None = None,
         biased_drafter: Path = FIRST_DRAFTER, draft_guidance: str | None = None, verifier: str | None = None) -> dict:
     """FREE with the shipped drafter against sequential; the biased control accepts every draft of
-    ``biased_drafter``; both FREE runs draft with ``draft_guidance`` (None: the model's); the shipped
-    drafter's run verifies with ``verifier`` (None: the model's), the control per step (its override
-    is of the per-step accept test). The shipped
-    drafter's own chain is too close to the DiT's for this weak test to reject at n = 1000 (the CI run
-    of 0523fa0 failed on it), so the control uses the first drafter."""
+    ``biased_drafter``; both FREE runs draft with ``draft_guidance`` (None: the model's). The shipped
+    drafter's run verifies with ``verifier`` (None: the model's), the control per step, since its
+    override is of the per-step accept test. The shipped drafter's own chain is too close to the
+    DiT's for this weak test to reject at n = 1000 (the CI run of 0523fa0 failed on it), so the
+    control uses the first drafter."""
     pipe = Pipeline.default()
     seq = sample_features(pipe, "sequential", steps, n, seed=11)
     free = sample_features(pipe, "free", steps, n, seed=22, window=window, draft_guidance=draft_guidance,

@@ -44,4 +44,5 @@ def test_the_cli_records_the_draft_guidance(tmp_path):
     assert report["draft_guidance"] == "drafter"
     assert report["free"]["draft_guidance"] == report["biased"]["draft_guidance"] == "drafter"
     # the shipped drafter's run takes the model's verifier (block); the control's override is per step
-    assert report["verifier"] is None and report["free"]["verifier"] == "block" and report["biased"]["verifier"] == "step"
+    assert report["verifier"] is None
+    assert report["free"]["verifier"] == "block" and report["biased"]["verifier"] == "step"
