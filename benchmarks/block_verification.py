@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = run_entry(pipe, classifier, labels, sampler=sampler, steps=steps, cfg_scale=cfg, window=window,
                               seed=args.seed, batch_size=args.batch_size, verifier=verifier, maths="numpy",
                               draft_guidance=args.draft_guidance)
-            entry.update(window=window, verifier=verifier,
+            entry.update(window=window,  # run_entry recorded the verifier applied
                          residual_proposals_per_image=entry["residual_proposals"] / args.n)
             entry.pop("acceptance_by_step", None)
             entries.append(entry)
