@@ -184,7 +184,7 @@ def consistency(entries: list[dict], sequential: list[dict], biased: list[dict] 
         if r:
             screened[run_label(b)] = {**r, "flagged": min(r[TESTED[m]] for m in TESTED) < ALPHA}
     return {"alpha": ALPHA, "tests": len(holm_p), "below_alpha": sum(r[m] < ALPHA for r in runs.values() for m in TESTED),
-            "expected_below_alpha_if_exact": ALPHA * len(holm_p), "min_holm_p": min(holm_p, default=None),
+            "expected_below_alpha_at_most": ALPHA * len(holm_p), "min_holm_p": min(holm_p, default=None),
             "consistent": all(q >= ALPHA for q in holm_p), "runs": runs, "biased": screened}
 
 
@@ -293,7 +293,7 @@ def markdown(report: dict, stem: str) -> str:
         lines += ["## Consistency with the sequential sampler, tested", "",
                   f"{len(tests['runs'])} distinct runs, {tests['tests']} tests (class errors and FD-digits of each). "
                   f"Raw p below {ALPHA:g}: {tests['below_alpha']} (an exact sampler gives at most about "
-                  f"{tests['expected_below_alpha_if_exact']:.1f}: Fisher's test on a handful of errors is conservative, "
+                  f"{tests['expected_below_alpha_at_most']:.1f}: Fisher's test on a handful of errors is conservative, "
                   f"and runs that share a seed and labels are correlated). Smallest raw p: {p:.3f} ({label}, "
                   f"{'class errors' if metric == 'class_accuracy_p' else 'FD-digits'}); Holm-adjusted: "
                   f"{tests['runs'][label][TESTED[metric]]:.3f}. Every run consistent with the "

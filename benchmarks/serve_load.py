@@ -7,7 +7,9 @@ Starts a private Ray and the application on loopback, then, per request mode and
 keeps C requests in flight (closed loop) until --requests have been answered. Modes: "seeded"
 requests carry distinct seeds, so each needs its own generate call (batching only gathers them);
 "unseeded" ones get a secret seed and a call of their own each (since issue 15; before, the server
-packed them into one call per batch). Writes <out>.json (every request and
+packed them into one call per batch). Requests take the server's rules (pipeline.json) unless
+--verifier / --draft-guidance ask for one in every request; each row records the verifier and the
+NFE speed-up the answers report. Writes <out>.json (every request and
 figure, the command, versions and the machine's load), <out>.md and <out>.png (latency and
 throughput against concurrency).
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freedit.benchmarks import command_line
+from freedit.benchmarks import add_draft_guidance_argument, add_verifier_argument, command_line
 
 
 def free_port() -> int:
@@ -35,10 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_bodies(n: int, mode: str, steps: int, labels: tuple[int, int], rng: random.Random) -> list[dict]:
+def make_bodies(n: int, mode: str, steps: int, labels: tuple[int, int], rng: random.Random,
+                rules: dict | None = None) -> list[dict]:
+    """``rules``: verifier / draft_guidance every request asks for (None values: the server's default)."""
+    rules = {k: v for k, v in (rules or {}).items() if v is not None}
     bodies = []
     for i in range(n):
-        body = {"class_labels": [rng.randrange(10) for _ in range(rng.randint(*labels))], "steps": steps}
+        body = {"class_labels": [rng.randrange(10) for _ in range(rng.randint(*labels))], "steps": steps, **rules}
         if mode == "seeded":
             body["seed"] = rng.randrange(2**31)
         bodies.append(body)
@@ -65,7 +70,9 @@ async def drive(url: str, bodies: list[dict], concurrency: int, timeout: float) 
             rec = {"request": i, "status": status, "latency_s": time.perf_counter() - t0,
                    "images": len(body["class_labels"])}
             if status == 200:
-                rec.update({k: reply["summary"][k] for k in ("batch_requests", "call_requests", "call_images")})
+                rec.update({k: reply["summary"][k] for k in ("batch_requests", "call_requests", "call_images",
+                                                              "nfe_speedup")})
+                rec.update({k: reply["settings"][k] for k in ("verifier", "draft_guidance") if k in reply["settings"]})
             else:
                 rec["error"] = str(reply.get("error", ""))[:200]
             records.append(rec)
@@ -89,7 +96,10 @@ def summarize(records: list[dict], wall: float, mode: str, concurrency: int) -> 
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p90_s": float(np.percentile(lat, 90)),
             "latency_p99_s": float(np.percentile(lat, 99)), "latency_max_s": float(lat.max()),
             "mean_batch_requests": float(np.mean([r["batch_requests"] for r in ok])) if ok else float("nan"),
-            "mean_call_requests": float(np.mean([r["call_requests"] for r in ok])) if ok else float("nan")}
+            "mean_call_requests": float(np.mean([r["call_requests"] for r in ok])) if ok else float("nan"),
+            "mean_nfe_speedup": float(np.mean([r["nfe_speedup"] for r in ok])) if ok else float("nan"),
+            # what the server applied, read off its answers (not what was asked for)
+            "verifiers": sorted({r["verifier"] for r in ok if "verifier" in r})}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -130,14 +140,15 @@ def write_markdown(report: dict, path: Path) -> None:
              f"Ray {report['versions']['ray']}, ONNX Runtime {report['versions']['onnxruntime']}, sampler "
              f"{report['sampler']}. Batching: up to {a['max_batch_size']} requests, {a['batch_wait_ms']:g} ms wait.", "",
              "| mode | concurrency | requests | ok | errors | requests/s | images/s | p50 s | p90 s | p99 s | "
-             "requests per batch | requests per generate call |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "requests per batch | requests per generate call | NFE speed-up | verifier |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in report["rows"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
         lines.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['ok']} | {errors} | "
                      f"{r['requests_per_s']:.2f} | {r['images_per_s']:.2f} | {r['latency_p50_s']:.2f} | "
                      f"{r['latency_p90_s']:.2f} | {r['latency_p99_s']:.2f} | {r['mean_batch_requests']:.1f} | "
-                     f"{r['mean_call_requests']:.1f} |")
+                     f"{r['mean_call_requests']:.1f} | {r.get('mean_nfe_speedup', float('nan')):.2f}x | "
+                     f"{', '.join(r.get('verifiers', [])) or '-'} |")
     lines += ["", "Seeded requests keep their own sample indices, so requests with different seeds run as separate "
               "generate calls even inside one batch; so do unseeded requests, each with its own secret seed. On a "
               "CPU a DiT call costs about in proportion to its rows, so separate calls cost little here and latency "
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request (s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request generator")
+    add_verifier_argument(p)
+    add_draft_guidance_argument(p)
     p.add_argument("--out", default="benchmarks/results/serve_load", help="output stem (.json, .md, .png)")
     args = p.parse_args(argv)
 
@@ -191,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, runs = [], []
     try:
         health = httpx.get(f"{url}/health", timeout=args.timeout).json()
-        asyncio.run(drive(url, make_bodies(2, "seeded", args.steps, (lo, hi), rng), 1, args.timeout))  # warm-up
+        rules = {"verifier": args.verifier, "draft_guidance": args.draft_guidance}
+        asyncio.run(drive(url, make_bodies(2, "seeded", args.steps, (lo, hi), rng, rules), 1, args.timeout))  # warm-up
         for mode in args.modes.split(","):
             for c in levels:
-                bodies = make_bodies(args.requests, mode, args.steps, (lo, hi), rng)
+                bodies = make_bodies(args.requests, mode, args.steps, (lo, hi), rng, rules)
                 records, wall = asyncio.run(drive(url, bodies, c, args.timeout))
                 row = summarize(records, wall, mode, c)
                 rows.append(row)
@@ -213,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": args.threads, "ray_cpus": args.ray_cpus, "max_batch_size": args.max_batch_size,
                      "batch_wait_ms": args.batch_wait_ms, "seed": args.seed},
         "sampler": f"{health['defaults']['sampler']} (model default), cfg {health['defaults']['cfg_scale']}, "
-                   f"verifier {health['defaults'].get('verifier', 'step')}",
+                   f"verifier {args.verifier or health['defaults'].get('verifier', 'step') + ' (server default)'}, "
+                   f"draft guidance {args.draft_guidance or health['defaults'].get('draft_guidance', '-') + ' (server default)'}",
         "machine": {"cpus": os.cpu_count(), "niceness": os.nice(0), "platform": platform.platform(),
                     "loadavg_before": load_before,
                     "loadavg_after": [round(v, 2) for v in os.getloadavg()]},

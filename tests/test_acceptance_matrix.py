@@ -95,6 +95,8 @@ def test_consistency_flags_a_biased_run_and_passes_a_seed_like_one():
     entry = {"steps": 50, "cfg_scale": 1.5, "sampler": "free", "window": 8, "drafter": "new", "seed": 0, "n": 256}
     like = am.consistency([{**entry, "class_accuracy": 254 / 256, "fd_digits": 11.2}], seq)
     assert like["consistent"] and like["tests"] == 2
+    # an upper bound, not an expectation: Fisher's test on a few errors is conservative
+    assert like["expected_below_alpha_at_most"] == pytest.approx(am.ALPHA * 2)
     worse = am.consistency([{**entry, "class_accuracy": 240 / 256, "fd_digits": 11.2},
                             {**entry, "window": 4, "class_accuracy": 254 / 256, "fd_digits": 16.0}], seq)
     runs = worse["runs"]

@@ -382,6 +382,28 @@ def test_draft_guidance_reaches_the_pipeline(server, reference):
     assert not np.array_equal(decode(a["images"]), decode(b["images"]))  # the rule really changed the call
 
 
+def test_serve_load_asks_for_its_rules_and_records_what_was_applied(server):
+    """benchmarks/serve_load.py's --verifier / --draft-guidance go into every request; the records take the
+    verifier and NFE speed-up off the server's answers, so a report names what the server really ran."""
+    import random
+
+    from freedit.benchmarks import serve_load
+
+    rows = {}
+    for verifier in ("step", None):  # None: the server's default (block for the bundled model)
+        bodies = serve_load.make_bodies(3, "seeded", STEPS, (1, 2), random.Random(0),
+                                        {"verifier": verifier, "draft_guidance": "drafter" if verifier else None})
+        assert all(b.get("verifier") == verifier for b in bodies) and all(("verifier" in b) == bool(verifier)
+                                                                          for b in bodies)
+        records, wall = asyncio.run(serve_load.drive(server, bodies, 2, 120.0))
+        assert all(r["status"] == 200 for r in records), records
+        rows[verifier] = serve_load.summarize(records, wall, "seeded", 2)
+        assert all(r["nfe_speedup"] > 1 for r in records)
+        assert all(r.get("draft_guidance") == ("drafter" if verifier else "parent") for r in records)
+    assert rows["step"]["verifiers"] == ["step"] and rows[None]["verifiers"] == ["block"]
+    assert rows["step"]["mean_nfe_speedup"] > 1
+
+
 def test_strict_types_duplicate_keys_and_content_type(server):
     with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
         for body, field in STRICT:
