@@ -120,6 +120,7 @@ class Matrix:
         # Every recorded seed counts: a later run with fewer --spread-seeds (e.g. for the costly
         # 250-step settings) does not drop the seeds an earlier run recorded.
         self.report["spread"] = sequential_spread(self.report["sequential"])
+        self.report["spread_self_check"] = sequential_self_check(self.report["sequential"])
         self.report["consistency"] = consistency(self.report["entries"], self.report["sequential"],
                                                  self.report["biased"])
         write_outputs({self.path: json.dumps(self.report, indent=1).encode()})
@@ -213,6 +214,24 @@ def _log(entry: dict) -> None:
     print(json.dumps({k: v for k, v in entry.items() if not k.startswith("acceptance_by")}), flush=True)
 
 
+def sequential_self_check(rows: list[dict]) -> dict:
+    """The band test applied to the reference itself: each sequential seed against the band of the other seeds
+    of its setting (leave one out). An exact sampler's entries fall outside about as often as these do."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["steps"], float(r["cfg_scale"])), []).append(r)
+    checked, outside = 0, []
+    for (steps, cfg), rs in sorted(groups.items()):
+        if len(rs) < 3:  # the others need a std
+            continue
+        for i, r in enumerate(rs):
+            band = next(iter(sequential_spread(rs[:i] + rs[i + 1:]).values()))
+            checked += 1
+            if not all(within(r[m], band[m]) for m in ("fd_digits", "class_accuracy")):
+                outside.append(f"{steps}/{cfg:g}/seed {r['seed']}")
+    return {"checked": checked, "outside": len(outside), "outside_seeds": outside}
+
+
 def within(value: float, band: dict, k: float = 2.0) -> bool:
     """Inside mean +- k std of the sequential seeds, or inside their observed range."""
     return band["mean"] - k * band["std"] <= value <= band["mean"] + k * band["std"] or band["min"] <= value <= band["max"]
@@ -287,7 +306,14 @@ def markdown(report: dict, stem: str) -> str:
                      + (f"{run['class_accuracy_p']:.3f} | {run['fd_digits_p']:.3f} |" if run else " | |"))
     lines += ["", f"Entries outside the sequential spread: {len(outside)} of {len(entries)}"
               + (": " + ", ".join(f"{e['steps']}/{e['cfg_scale']:g}/{e['sampler']}/L={e['window']}/{e['drafter']}"
-                                  for e in outside) if outside else "") + ".", ""]
+                                  for e in outside) if outside else "") + "."]
+    own = report.get("spread_self_check")
+    if own and own["checked"]:
+        lines.append(f"The same band applied to the sequential sampler itself (each seed against the other seeds of "
+                     f"its setting): {own['outside']} of {own['checked']} outside ({own['outside'] / own['checked']:.0%}"
+                     f", against {len(outside) / max(len(entries), 1):.0%} of the entries above). An exact sampler's "
+                     "entries fall outside this band about as often as the reference's own seeds do.")
+    lines.append("")
     if tests["tests"]:
         p, label, metric = min((r[m], label, m) for label, r in tests["runs"].items() for m in TESTED)
         lines += ["## Consistency with the sequential sampler, tested", "",

@@ -106,6 +106,21 @@ def test_consistency_flags_a_biased_run_and_passes_a_seed_like_one():
     assert runs["50/1.5/free/L=4/new/seed 0"]["class_accuracy_holm_p"] > 0.05
 
 
+def test_the_band_is_applied_to_the_sequential_seeds_themselves():
+    """Leave one seed out: a seed far from the others is outside their band, a typical one inside; settings
+    with too few seeds for a std are not checked."""
+    rows = [{"steps": 50, "cfg_scale": 1.5, "seed": s, "fd_digits": 10.0 + 0.1 * (s % 3), "class_accuracy": 0.99}
+            for s in range(6)]
+    rows.append({"steps": 50, "cfg_scale": 1.5, "seed": 6, "fd_digits": 14.0, "class_accuracy": 0.99})
+    rows += [{"steps": 25, "cfg_scale": 4.0, "seed": s, "fd_digits": 50.0, "class_accuracy": 1.0} for s in range(2)]
+    own = am.sequential_self_check(rows)
+    assert own["checked"] == 7 and own["outside_seeds"] == ["50/1.5/seed 6"]
+    rng = np.random.default_rng(1)  # normal seeds: some fall outside mean +- 2 std of the others, not most
+    normal = [{"steps": 50, "cfg_scale": 1.5, "seed": s, "fd_digits": rng.normal(10, 1), "class_accuracy": 0.99}
+              for s in range(200)]
+    assert 0 < am.sequential_self_check(normal)["outside"] < 30
+
+
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="samplers"):
         am.main(_args(tmp_path / "m", "--samplers", "free,greedy"))
