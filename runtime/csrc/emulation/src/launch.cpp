@@ -544,10 +544,18 @@ Worker& this_worker() {
 Worker& running_worker() { return *static_cast<Worker*>(stack_header()->worker); }
 
 // Host threads that take blocks besides the launching one. Woken only for grids of 2+ blocks.
+constexpr char kPoolThreadName[] = "freedit-emu";  // at most 15 characters (Linux)
 class Pool {
  public:
   explicit Pool(int helpers) {
-    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
+    for (int i = 0; i < helpers; ++i) {
+      threads_.emplace_back([this] { loop(); });
+#ifdef __linux__
+      // Named before the pool is returned, so a test can count the pool's own threads among the
+      // process's others (ONNX Runtime's, Python's), which come and go on their own.
+      pthread_setname_np(threads_.back().native_handle(), kPoolThreadName);
+#endif
+    }
   }
   ~Pool() {
     {
