@@ -344,7 +344,7 @@ def test_null_launch_is_validated_and_counted_but_not_run(emu):
 
 def _pool_threads() -> int:
     """The shim's helper threads (named "freedit-emu"): counting every thread of the process raced with
-    threads other code starts and stops (a CI run once saw the count move during the 50 launches)."""
+    threads other code starts and stops (a CI run once found one thread too many after the pool stopped)."""
     names = []
     for tid in os.listdir("/proc/self/task"):
         try:

@@ -543,8 +543,9 @@ Worker& this_worker() {
 // The scheduler of the running CUDA thread (blocking points run on its fiber stack).
 Worker& running_worker() { return *static_cast<Worker*>(stack_header()->worker); }
 
-// Host threads that take blocks besides the launching one. Woken only for grids of 2+ blocks.
 constexpr char kPoolThreadName[] = "freedit-emu";  // at most 15 characters (Linux)
+
+// Host threads that take blocks besides the launching one. Woken only for grids of 2+ blocks.
 class Pool {
  public:
   explicit Pool(int helpers) {
