@@ -10,7 +10,9 @@ NFE speed-up over step's. Quality is judged against the sequential sampler's see
 recorded in benchmarks/results/acceptance_matrix.json (mean +- 2 std or the observed range).
 
 The JSON is rewritten after every entry and entries already in it are skipped, so an interrupted
-run continues; parts run in parallel (other --settings, other --out) are joined with --merge.
+run continues; parts run in parallel (other --settings, other --out) are joined with --merge, and
+--step-from takes the per-step runs the acceptance matrix already made (same drafter, N, seed and
+draft guidance) instead of repeating them.
 Writes <out>.json, <out>.md and <out>.png.
 """
 from __future__ import annotations
@@ -71,6 +73,29 @@ def pairs(entries: list[dict]) -> list[tuple[dict, dict]]:
             if e["verifier"] == "step" and _key(e)[:4] + ("block",) in by]
 
 
+def matrix_step_entries(path: Path, drafter: Path, n: int, seed: int, batch_size: int,
+                        rule: str) -> dict[tuple, dict]:
+    """The per-step entries of an acceptance-matrix JSON that are the runs this report would make: same N, seed,
+    batch size, drafter file and draft guidance, no biased rule (the matrix verifies per step), keyed like this
+    report's."""
+    matrix = json.loads(path.read_text())
+    if (matrix.get("n"), matrix.get("seed"), matrix.get("batch_size")) != (n, seed, batch_size):
+        raise SystemExit(f"error: {path} holds N = {matrix.get('n')}, seed {matrix.get('seed')}, batch size "
+                         f"{matrix.get('batch_size')}; cannot take its per-step entries")
+    labels = {label for label, p in matrix.get("drafters", {}).items() if Path(p).name == drafter.name}
+    out = {}
+    for e in matrix["entries"]:
+        drafted = e["sampler"] == "free"
+        guided = drafted and float(e["cfg_scale"]) != 1.0
+        if (drafted and e["drafter"] not in labels) or (guided and e.get("draft_guidance", "drafter") != rule) \
+                or "residual_proposals" not in e:  # entries recorded before the count existed cannot fill a row
+            continue
+        entry = {k: v for k, v in e.items() if k not in ("acceptance_by_step", "drafter", "uses_drafter")}
+        entry.update(verifier="step", residual_proposals_per_image=e["residual_proposals"] / n, taken_from=path.name)
+        out[_key(entry)] = entry
+    return out
+
+
 def markdown(report: dict, stem: str) -> str:
     spread = report.get("spread", {})
     lines = [f"# Block vs per-step verification: the digits DiT, N = {report['n']} per entry, seed {report['seed']}", "",
@@ -80,6 +105,9 @@ def markdown(report: dict, stem: str) -> str:
              f"{report['machine']['cpu_count']} CPU cores, ONNX Runtime {report['machine']['onnxruntime']} (CPU)", "",
              f"Drafter: `{Path(report['drafter']).name}`{' (' + report['drafter_note'] + ')' if 'drafter_note' in report else ''}.  ",
              f"Guided FREE's draft guidance: {', '.join(sorted(rules(report))) or 'n/a'}.  ",
+             *([f"Per-step rows marked * were taken from {', '.join(sorted(taken))}, not rerun: the same runs (labels, "
+                "seed, drafter and rule).  "] if (taken := {e["taken_from"] for e in report["entries"]
+                                                      if "taken_from" in e}) else []),
              "",
              "Same labels, seed and drafter for both verifiers; NFE speed-up = steps / serial "
              "DiT calls per image (deterministic given the seed, so not a timing). \"in spread\": FD-digits and "
@@ -95,7 +123,8 @@ def markdown(report: dict, stem: str) -> str:
             ok = "" if band is None else "yes" if within(e["fd_digits"], band["fd_digits"]) and within(
                 e["class_accuracy"], band["class_accuracy"]) else "no"
             ratio = f"{block['nfe_speedup'] / step['nfe_speedup']:.3f}" if e is block else ""
-            lines.append(f"| {e['steps']} | {e['cfg_scale']:g} | {e['sampler']} | {e['window']} | {e['verifier']} | "
+            mark = "*" if "taken_from" in e else ""
+            lines.append(f"| {e['steps']} | {e['cfg_scale']:g} | {e['sampler']} | {e['window']} | {e['verifier']}{mark} | "
                          f"{e['acceptance']:.3f} | {e['mean_target_calls']:.1f} | {e['nfe_speedup']:.2f}x | {ratio} | "
                          f"{e['residual_proposals_per_image']:.1f} | {e['class_accuracy']:.3f} | {e['fd_digits']:.2f} | "
                          f"{ok} |")
@@ -142,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drafter", default=str(default_model_dir() / "drafter.onnx"),
                         help="drafter.onnx for the digits DiT (default: the shipped one)")
     parser.add_argument("--out", default="benchmarks/results/block_verification")
+    parser.add_argument("--step-from", default="", help="acceptance-matrix JSON whose per-step entries with this "
+                        "drafter, N, seed and draft guidance are taken instead of rerun")
     add_draft_guidance_argument(parser)
     args = parser.parse_args(argv)
     drafter = Path(args.drafter)
@@ -187,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
             if _key(e) not in done:
                 entries.append(e)
                 done.add(_key(e))
+
+    if args.step_from:
+        reusable = matrix_step_entries(Path(args.step_from), drafter, args.n, args.seed, args.batch_size, rule)
+        for steps, cfg, sampler, window in settings:
+            key = (steps, cfg, sampler, window, "step")
+            if key in reusable and key not in done:
+                entries.append(reusable[key])
+                done.add(key)
 
     def save():
         write_outputs({path: json.dumps(report, indent=1).encode()})

@@ -47,6 +47,40 @@ def test_eval_digits_report(tmp_path, bundled_dir):
     assert report["real_floor"]["n"] == 20
 
 
+def test_block_verification_takes_the_matrix_step_runs_it_would_repeat(tmp_path):
+    """--step-from takes the acceptance matrix's per-step run of a setting instead of rerunning it, and that run is
+    the one block_verification makes itself; a matrix of another N is refused, and one with another draft guidance
+    gives nothing to take (the step run is made)."""
+    from freedit.benchmarks import acceptance_matrix, block_verification
+    from freedit.runtime.pipeline import default_model_dir
+
+    common = ["--n", "10", "--batch-size", "10", "--threads", "1", "--draft-guidance", "parent"]
+    assert acceptance_matrix.main([*common, "--steps", "6", "--cfg-scales", "1.5", "--windows", "2", "--samplers",
+                                   "free", "--spread-seeds", "0", "--drafters",
+                                   f"new={default_model_dir() / 'drafter.onnx'}", "--out", str(tmp_path / "m")]) == 0
+    setting = ["--settings", "6:1.5:free:2"]
+    assert block_verification.main([*common, *setting, "--step-from", str(tmp_path / "m.json"),
+                                    "--out", str(tmp_path / "taken")]) == 0
+    assert block_verification.main([*common, *setting, "--out", str(tmp_path / "run")]) == 0
+    taken, run = (json.loads((tmp_path / f"{name}.json").read_text())["entries"] for name in ("taken", "run"))
+    step = {name: next(e for e in rows if e["verifier"] == "step") for name, rows in (("taken", taken), ("run", run))}
+    assert step["taken"]["taken_from"] == "m.json" and "taken_from" not in step["run"]
+    for k in ("acceptance", "nfe_speedup", "mean_target_calls", "fd_digits", "class_accuracy",
+              "residual_proposals_per_image", "draft_guidance"):
+        assert step["taken"][k] == pytest.approx(step["run"][k]), k
+    assert [e["verifier"] for e in taken] == ["step", "block"]  # the block run is made
+    md = (tmp_path / "taken.md").read_text()
+    assert "| step* |" in md and "taken from m.json" in md and "| step* |" not in (tmp_path / "run.md").read_text()
+    with pytest.raises(SystemExit, match="holds N = 10"):
+        block_verification.main(["--n", "20", *common[2:], *setting, "--step-from", str(tmp_path / "m.json"),
+                                 "--out", str(tmp_path / "n20")])
+    other = [*common[:-1], "drafter"]
+    assert block_verification.main([*other, *setting, "--step-from", str(tmp_path / "m.json"),
+                                    "--out", str(tmp_path / "drafter_rule")]) == 0
+    rows = json.loads((tmp_path / "drafter_rule.json").read_text())["entries"]
+    assert [e["verifier"] for e in rows] == ["step", "block"] and not any("taken_from" in e for e in rows)
+
+
 def test_block_verification_parts_merge_only_with_their_own_drafter(tmp_path):
     """Two parts of a block-verification run, on tiny settings, join with --merge; a part or a
     resumed report made with another drafter or draft guidance is refused before anything is sampled."""
