@@ -79,6 +79,8 @@ def matrix_step_entries(path: Path, drafter: Path, n: int, seed: int, batch_size
     """The per-step entries of an acceptance-matrix JSON that are the runs this report would make: same N, seed,
     batch size, drafter file and draft guidance, no biased rule (the matrix verifies per step), keyed like this
     report's."""
+    if not path.is_file():
+        raise SystemExit(f"error: --step-from {path} does not exist")
     matrix = json.loads(path.read_text())
     if (matrix.get("n"), matrix.get("seed"), matrix.get("batch_size")) != (n, seed, batch_size):
         raise SystemExit(f"error: {path} holds N = {matrix.get('n')}, seed {matrix.get('seed')}, batch size "

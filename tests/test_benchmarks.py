@@ -74,6 +74,9 @@ def test_block_verification_takes_the_matrix_step_runs_it_would_repeat(tmp_path)
     with pytest.raises(SystemExit, match="holds N = 10"):
         block_verification.main(["--n", "20", *common[2:], *setting, "--step-from", str(tmp_path / "m.json"),
                                  "--out", str(tmp_path / "n20")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        block_verification.main([*common, *setting, "--step-from", str(tmp_path / "none.json"),
+                                 "--out", str(tmp_path / "none")])
     other = [*common[:-1], "drafter"]
     assert block_verification.main([*other, *setting, "--step-from", str(tmp_path / "m.json"),
                                     "--out", str(tmp_path / "drafter_rule")]) == 0
