@@ -60,10 +60,17 @@ def _key(e: dict) -> tuple:
     return (e["steps"], float(e["cfg_scale"]), e["sampler"], e["window"], e["verifier"])
 
 
+def guidance(entry: dict) -> str | None:
+    """The draft guidance of a guided FREE entry (drafter where none is recorded: made before the option); None for
+    entries that draft no guidance (frozen, or CFG 1)."""
+    if entry["sampler"] != "free" or float(entry["cfg_scale"]) == 1.0:
+        return None
+    return entry.get("draft_guidance", "drafter")
+
+
 def rules(report: dict) -> set[str]:
-    """The draft guidance of a report's guided FREE entries (drafter where none is recorded: made before the option)."""
-    return {e.get("draft_guidance", "drafter") for e in report.get("entries", [])
-            if e["sampler"] == "free" and float(e["cfg_scale"]) != 1.0}
+    """The draft guidance of a report's guided FREE entries."""
+    return {guidance(e) for e in report.get("entries", [])} - {None}
 
 
 def pairs(entries: list[dict]) -> list[tuple[dict, dict]]:
@@ -88,9 +95,7 @@ def matrix_step_entries(path: Path, drafter: Path, n: int, seed: int, batch_size
     labels = {label for label, p in matrix.get("drafters", {}).items() if Path(p).name == drafter.name}
     out = {}
     for e in matrix["entries"]:
-        drafted = e["sampler"] == "free"
-        guided = drafted and float(e["cfg_scale"]) != 1.0
-        if (drafted and e["drafter"] not in labels) or (guided and e.get("draft_guidance", "drafter") != rule) \
+        if (e["sampler"] == "free" and e["drafter"] not in labels) or guidance(e) not in (None, rule) \
                 or "residual_proposals" not in e:  # entries recorded before the count existed cannot fill a row
             continue
         entry = {k: v for k, v in e.items() if k not in ("acceptance_by_step", "drafter", "uses_drafter")}
@@ -101,6 +106,7 @@ def matrix_step_entries(path: Path, drafter: Path, n: int, seed: int, batch_size
 
 def markdown(report: dict, stem: str) -> str:
     spread = report.get("spread", {})
+    taken = sorted({e["taken_from"] for e in report["entries"] if "taken_from" in e})
     lines = [f"# Block vs per-step verification: the digits DiT, N = {report['n']} per entry, seed {report['seed']}", "",
              f"Command: `{report['command']}`  ",
              *[f"Part {name}: `{command}`  " for name, command in report.get("parts", {}).items()],
@@ -108,9 +114,8 @@ def markdown(report: dict, stem: str) -> str:
              f"{report['machine']['cpu_count']} CPU cores, ONNX Runtime {report['machine']['onnxruntime']} (CPU)", "",
              f"Drafter: `{Path(report['drafter']).name}`{' (' + report['drafter_note'] + ')' if 'drafter_note' in report else ''}.  ",
              f"Guided FREE's draft guidance: {', '.join(sorted(rules(report))) or 'n/a'}.  ",
-             *([f"Per-step rows marked * were taken from {', '.join(sorted(taken))}, not rerun: the same runs (labels, "
-                "seed, drafter and rule).  "] if (taken := {e["taken_from"] for e in report["entries"]
-                                                      if "taken_from" in e}) else []),
+             *([f"Per-step rows marked * were taken from {', '.join(taken)}, not rerun: the same runs (labels, "
+                "seed, drafter and rule).  "] if taken else []),
              "",
              "Same labels, seed and drafter for both verifiers; NFE speed-up = steps / serial "
              "DiT calls per image (deterministic given the seed, so not a timing). \"in spread\": FD-digits and "
